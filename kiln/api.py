@@ -16,6 +16,7 @@ from kiln.config import CacheConfig, EngineConfig, ParallelConfig, SamplingParam
 from kiln.outputs import CompletionOutput, Logprob, RequestOutput, RequestState
 from kiln.tokenizer import Tokenizer
 from kiln.workers.executor import Executor
+from kiln.workers.loaders import ModelSource
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
 
@@ -25,7 +26,7 @@ Prompt = str | list[int]
 class LLM:
     def __init__(
         self,
-        model: str | None = None,
+        model: str | ModelSource | None = None,
         *,
         dtype: str = "auto",
         tensor_parallel_size: int = 1,
@@ -43,8 +44,10 @@ class LLM:
         device: str = "auto",
         seed: int = 0,
     ) -> None:
+        # A ModelSource (from kiln.workers.loaders.resolve_model) lets engines share one parsed checkpoint.
+        source = model if isinstance(model, ModelSource) else None
         self.config = EngineConfig(
-            model=model, random_weights=random_weights, dtype=dtype, device=device, seed=seed,
+            model=source.name if source else model, random_weights=random_weights, dtype=dtype, device=device, seed=seed,
             enforce_eager=enforce_eager,
             cache=CacheConfig(block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
                               kv_cache_bytes=kv_cache_bytes, num_blocks=num_blocks,
@@ -55,7 +58,7 @@ class LLM:
         if self.config.parallel.world_size > 1:
             raise ValueError("tensor_parallel_size / pipeline_parallel_size > 1 are not available in this "
                              "build yet; use 1")
-        self.executor = Executor(self.config)
+        self.executor = Executor(self.config, source)
         self._ids = itertools.count()
         self._states: dict[str, RequestState] = {}
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from kiln.config import ModelConfig
 from kiln.workers.models import SUPPORTED_ARCHITECTURES
 
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
                   "tie_word_embeddings", "bos_token_id", "eos_token_id")
@@ -22,6 +23,8 @@ def read_config(path: str) -> ModelConfig:
         raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
     archs = raw.get("architectures") or []
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    if arch is None and not archs:
+        arch = _MODEL_TYPES.get(raw.get("model_type"))
     if arch is None:
         raise ValueError(f"unsupported architecture {archs or raw.get('model_type')!r} in {cfg_file}; "
                          f"kiln supports {', '.join(SUPPORTED_ARCHITECTURES)}")

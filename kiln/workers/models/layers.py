@@ -19,6 +19,8 @@ def shape_of(t) -> tuple[int, ...]:
 
 
 def _copy(dst: torch.Tensor, src) -> None:
+    if hasattr(src, "get_shape"):  # a whole lazy safetensors slice
+        src = src[:]
     src = src if isinstance(src, torch.Tensor) else torch.as_tensor(src)
     if tuple(src.shape) != tuple(dst.shape):
         raise ValueError(f"weight shape {tuple(src.shape)} does not match the model's {tuple(dst.shape)}")

@@ -1,0 +1,30 @@
+"""The step loop: abort frees everything; requests join while others run."""
+from kiln.config import SamplingParams
+
+
+def test_abort_frees_blocks_and_other_requests_continue(llm):
+    ex = llm.executor
+    free = ex.block_manager.num_free_blocks
+    p = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    ids = llm.tokenizer.encode("The history of pottery " * 20)
+    ex.add_request("keep", ids, p)
+    ex.add_request("drop", ids[::-1], p)
+    got = {"keep": [], "drop": []}
+    for _ in range(3):
+        events, _ = ex.step()
+        for e in events:
+            got[e.seq.request_id].append(e.token_id)
+    ex.abort_request("drop")
+    events, aborted = ex.step()
+    assert [s.request_id for s in aborted] == ["drop"] and aborted[0].block_table == []
+    assert {e.seq.request_id for e in events} == {"keep"}
+    got["keep"] += [e.token_id for e in events]
+    ex.add_request("late", ids[:20], p)  # joins while "keep" runs
+    for _ in range(100):
+        if not ex.has_unfinished():
+            break
+        events, _ = ex.step()
+        for e in events:
+            got.setdefault(e.seq.request_id, []).append(e.token_id)
+    assert len(got["keep"]) == 30 and len(got["late"]) == 30 and len(got["drop"]) == 3
+    assert ex.block_manager.num_free_blocks == free
