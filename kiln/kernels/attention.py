@@ -41,10 +41,12 @@ def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
 
 def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> torch.Tensor:
     """[B, max_len, H, D] view of each sequence's cached tokens (tail is junk)."""
-    bs = cache.shape[1]
+    B = block_tables.shape[0]
+    nb, bs, h, d = cache.shape
     nblk = -(-max_len // bs)
-    kv = cache[block_tables[:, :nblk].long()]  # [B, nblk, bs, H, D]
-    return kv.flatten(1, 2)[:, :max_len]
+    # index_select is several times faster than advanced indexing on CPU.
+    kv = cache.index_select(0, block_tables[:, :nblk].reshape(-1).long())
+    return kv.view(B, nblk * bs, h, d)[:, :max_len]
 
 
 def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, q_start: torch.Tensor,
@@ -54,10 +56,13 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, q_sta
     T, Hq, D = q.shape
     device = q.device
     q_lens = (q_start[1:] - q_start[:-1]).long()
-    seq_idx = torch.repeat_interleave(torch.arange(B, device=device), q_lens, output_size=T)
-    row_in_seq = torch.arange(T, device=device) - q_start[:-1].long()[seq_idx]
-    qp = q.new_zeros(B, max_q, Hq, D)
-    qp[seq_idx, row_in_seq] = q
+    if max_q == 1:  # decodes: one row per sequence, nothing to pad
+        qp = q.view(B, 1, Hq, D)
+    else:
+        seq_idx = torch.repeat_interleave(torch.arange(B, device=device), q_lens, output_size=T)
+        row_in_seq = torch.arange(T, device=device) - q_start[:-1].long()[seq_idx]
+        qp = q.new_zeros(B, max_q, Hq, D)
+        qp[seq_idx, row_in_seq] = q
     k = _gather_kv(k_cache, block_tables, max_kv)
     v = _gather_kv(v_cache, block_tables, max_kv)
     # Query i of sequence b sits at position ctx_b + i, where ctx_b tokens came before this step.
@@ -68,7 +73,8 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, q_sta
     out = F.scaled_dot_product_attention(
         qp.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
         attn_mask=mask[:, None], scale=scale, enable_gqa=Hq != k.shape[2])
-    return out.transpose(1, 2)[seq_idx, row_in_seq]
+    out = out.transpose(1, 2)
+    return out.reshape(B, Hq, D) if max_q == 1 else out[seq_idx, row_in_seq]
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
