@@ -6,7 +6,12 @@ import os
 import pytest
 import torch
 
-from kiln.workers.loaders import embedded_model_path, resolve_model
+# Without a GPU, Triton kernels run in Triton's interpreter; this must be set
+# before any kernel module is imported (triton.jit reads it at decoration).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kiln.workers.loaders import embedded_model_path, resolve_model  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,66 @@
+"""RoPE on q and k, fused with writing k and v into the paged cache (Triton).
+
+One program per token: it rotates all of the token's query heads in place,
+rotates its key heads, and stores keys and values at the token's cache slot.
+A slot of -1 (padding in a captured CUDA graph) writes nothing.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr,
+                       q_stride, k_stride, v_stride, cs_stride, cache_slot_stride,
+                       HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
+                       BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t)
+    d = tl.arange(0, HALF)
+    cos = tl.load(cs_ptr + pos * cs_stride + d)[None, :]
+    sin = tl.load(cs_ptr + pos * cs_stride + HALF + d)[None, :]
+
+    hq = tl.arange(0, BLOCK_HQ)[:, None]
+    mq = hq < HQ
+    q1p = q_ptr + t * q_stride + hq * (2 * HALF) + d[None, :]
+    q1 = tl.load(q1p, mask=mq, other=0.0).to(tl.float32)
+    q2 = tl.load(q1p + HALF, mask=mq, other=0.0).to(tl.float32)
+    tl.store(q1p, (q1 * cos - q2 * sin).to(q_ptr.dtype.element_ty), mask=mq)
+    tl.store(q1p + HALF, (q2 * cos + q1 * sin).to(q_ptr.dtype.element_ty), mask=mq)
+
+    hk = tl.arange(0, BLOCK_HKV)[:, None]
+    mk = hk < HKV
+    k1p = k_ptr + t * k_stride + hk * (2 * HALF) + d[None, :]
+    k1 = tl.load(k1p, mask=mk, other=0.0).to(tl.float32)
+    k2 = tl.load(k1p + HALF, mask=mk, other=0.0).to(tl.float32)
+    r1 = (k1 * cos - k2 * sin).to(k_ptr.dtype.element_ty)
+    r2 = (k2 * cos + k1 * sin).to(k_ptr.dtype.element_ty)
+    tl.store(k1p, r1, mask=mk)
+    tl.store(k1p + HALF, r2, mask=mk)
+
+    slot = tl.load(slot_ptr + t)
+    if slot >= 0:
+        c = slot * cache_slot_stride + hk * (2 * HALF) + d[None, :]
+        tl.store(kc_ptr + c, r1.to(kc_ptr.dtype.element_ty), mask=mk)
+        tl.store(kc_ptr + c + HALF, r2.to(kc_ptr.dtype.element_ty), mask=mk)
+        v1p = v_ptr + t * v_stride + hk * (2 * HALF) + d[None, :]
+        tl.store(vc_ptr + c, tl.load(v1p, mask=mk, other=0.0).to(vc_ptr.dtype.element_ty), mask=mk)
+        tl.store(vc_ptr + c + HALF, tl.load(v1p + HALF, mask=mk, other=0.0).to(vc_ptr.dtype.element_ty), mask=mk)
+
+
+def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                   cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    T, HQ, D = q.shape
+    HKV = k.shape[1]
+    if T == 0:
+        return
+    assert D % 2 == 0 and triton.next_power_of_2(D // 2) == D // 2, "head_dim must be a power of two"
+    assert q.stride(1) == D and k.stride(1) == D and v.stride(1) == D and q.stride(2) == 1
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    _rope_cache_kernel[(T,)](q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping,
+                             q.stride(0), k.stride(0), v.stride(0), cos_sin.stride(0), HKV * D,
+                             HQ=HQ, HKV=HKV, HALF=D // 2, BLOCK_HQ=triton.next_power_of_2(HQ),
+                             BLOCK_HKV=triton.next_power_of_2(HKV), num_warps=4)
