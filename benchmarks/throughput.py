@@ -115,7 +115,8 @@ def main() -> None:
             print(f"{k:8s} error")
             continue
         b1 = f["batch1_decode"]
-        tps = " ".join(f"{f[f'in{w.split('/')[0]}_out{w.split('/')[1]}']['output_tok_s']:16.1f}" for w in args.workload)
+        keys = ["in{}_out{}".format(*w.split("/")) for w in args.workload]
+        tps = " ".join(f"{f[key]['output_tok_s']:16.1f}" for key in keys)
         print(f"{k:8s} {b1['ms_per_token']:10.2f} {b1['ratio_to_floor']:8.2f} {tps}")
     print("wrote", write_result(args.name, figures, model=args.model, dtype="bfloat16", weights="random",
                                 reference={"hf_transformers_static_batch256_128_128_tok_s": 2581,
