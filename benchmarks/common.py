@@ -25,7 +25,9 @@ def git_commit() -> str:
                                 cwd=os.path.dirname(RESULTS)).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, cwd=os.path.dirname(RESULTS)).stdout.strip()
-        return commit + ("-dirty" if dirty else "") if commit else os.environ.get("KILN_GIT_COMMIT", "unknown")
+        if len(commit) != 40:  # not a git checkout (e.g. a copied tree on a GPU machine)
+            return os.environ.get("KILN_GIT_COMMIT", "unknown")
+        return commit + ("-dirty" if dirty else "")
     except OSError:
         return os.environ.get("KILN_GIT_COMMIT", "unknown")
 
