@@ -133,8 +133,24 @@ def elementwise(tokens=8192, hidden=4096, inter=14336) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="kernels-h100")
+    ap.add_argument("--sweep", action="store_true", help="time prefill tile shapes first and use the best")
     args = ap.parse_args()
     torch.manual_seed(0)
+    sweep = None
+    if args.sweep:
+        sweep = {}
+        for bm, bn, w, st in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4),
+                              (128, 64, 8, 4), (128, 128, 8, 2), (64, 128, 4, 3)]:
+            attention_triton.PREFILL_CONFIG = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+            try:
+                sweep[f"{bm}x{bn}-w{w}-s{st}"] = prefill(8, 4096)["kiln_TFLOPs"]
+            except Exception as e:  # e.g. out of shared memory
+                sweep[f"{bm}x{bn}-w{w}-s{st}"] = f"{type(e).__name__}"
+            print("prefill", f"{bm}x{bn}-w{w}-s{st}", sweep[f"{bm}x{bn}-w{w}-s{st}"], flush=True)
+        best = max((k for k, v in sweep.items() if isinstance(v, float)), key=sweep.get)
+        bm, bn = map(int, best.split("-")[0].split("x"))
+        w, st = int(best.split("-w")[1].split("-")[0]), int(best.split("-s")[1])
+        attention_triton.PREFILL_CONFIG = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
     figures = {
         "decode_b64_ctx4096": decode(64, 4096),
         "decode_b1_ctx32768": decode(1, 32768),
@@ -150,6 +166,9 @@ def main() -> None:
         r["target"] = {key: target, "met": r[key] >= target}
         other = r.get("sdpa_dense_ms", r.get("torch_eager_ms"))
         print(f"{name:26s} {r['kiln_ms']:9.4f} {r[key]:9.3f} {target:7.2f} {other:9.4f}")
+    if sweep:
+        figures["prefill_config_sweep_TFLOPs"] = sweep
+    figures["prefill_config"] = attention_triton.PREFILL_CONFIG
     print("wrote", write_result(args.name, figures, ceilings={"copy_TBps": COPY_TBS, "bf16_matmul_TFLOPs": MATMUL_TFLOPS},
                                 triton=triton.__version__))
 

@@ -24,6 +24,8 @@ import triton.language as tl
 from kiln.kernels.attention import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
+# Tile shape of the prefill kernel on GPUs (chosen on the H100 with benchmarks/kernels.py --sweep).
+PREFILL_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
 
 
 @functools.lru_cache(maxsize=8)
@@ -103,13 +105,41 @@ def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, out_stride, num_split
 
 
 @triton.jit
+def _prefill_tiles(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, lo, hi, q_pos, seq_len, kv_off, tok_stride,
+                   block_stride, scale_log2, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, MASKED: tl.constexpr):
+    """Online-softmax over key tiles [lo, hi); MASKED applies the causal limit."""
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if MASKED:
+            in_seq = offs_n < seq_len
+            page = tl.load(bt_row + offs_n // PAGE, mask=in_seq, other=0).to(tl.int64)
+        else:
+            page = tl.load(bt_row + offs_n // PAGE).to(tl.int64)
+        krow = page * block_stride + (offs_n % PAGE) * tok_stride
+        k = tl.load(kc_ptr + krow[:, None] + kv_off)
+        qk = tl.dot(q, tl.trans(k))
+        if MASKED:
+            qk = tl.where((offs_n[None, :] <= q_pos[:, None]) & in_seq[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * scale_log2 - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        v = tl.load(vc_ptr + krow[:, None] + kv_off)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, lens_ptr, cu_tiles_ptr, out_ptr,
                     num_seqs, q_stride, out_stride, bt_stride, tok_stride, block_stride, scale_log2,
                     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     PAGE: tl.constexpr):
-    tile = tl.program_id(0)
-    h = tl.program_id(1)
-    if tile >= tl.load(cu_tiles_ptr + num_seqs):
+    h = tl.program_id(0)  # heads vary fastest: the G heads of one KV head run together and share K/V in L2
+    total = tl.load(cu_tiles_ptr + num_seqs)
+    tile = total - 1 - tl.program_id(1)  # last tiles (the most keys under the causal mask) first
+    if tile < 0:
         return
     # Binary search: the sequence b with cu_tiles[b] <= tile < cu_tiles[b + 1].
     lo = 0
@@ -124,7 +154,8 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, lens_ptr, cu_tiles_p
     m0 = (tile - tl.load(cu_tiles_ptr + b)) * BLOCK_M
     q_start = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q_start
-    ctx = tl.load(lens_ptr + b) - q_len
+    seq_len = tl.load(lens_ptr + b)
+    ctx = seq_len - q_len
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < q_len
@@ -132,29 +163,18 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, lens_ptr, cu_tiles_p
     rows = (q_start + offs_m).to(tl.int64)
     q = tl.load(q_ptr + rows[:, None] * q_stride + h * D + d[None, :], mask=mask_m[:, None], other=0.0)
     kv_off = (h // G) * D + d[None, :]
-    b64 = b.to(tl.int64)
+    bt_row = bt_ptr + b.to(tl.int64) * bt_stride
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    last = ctx + tl.minimum(m0 + BLOCK_M, q_len)  # keys the tile's last row may see
-    for n0 in range(0, last, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < last
-        page = tl.load(bt_ptr + b64 * bt_stride + offs_n // PAGE, mask=mask_n, other=0).to(tl.int64)
-        krow = page * block_stride + (offs_n % PAGE) * tok_stride
-        k = tl.load(kc_ptr + krow[:, None] + kv_off, mask=mask_n[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * scale_log2
-        visible = (offs_n[None, :] <= ctx + offs_m[:, None]) & mask_n[None, :]
-        qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        v = tl.load(vc_ptr + krow[:, None] + kv_off, mask=mask_n[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+    # Keys before ctx + m0 are visible to every row of the tile: no mask needed there.
+    full = (ctx + m0) // BLOCK_N * BLOCK_N
+    last = ctx + tl.minimum(m0 + BLOCK_M, q_len)
+    acc, l_i, m_i = _prefill_tiles(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, 0, full, ctx + offs_m, seq_len,
+                                   kv_off, tok_stride, block_stride, scale_log2, BLOCK_N, PAGE, False)
+    acc, l_i, m_i = _prefill_tiles(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, full, last, ctx + offs_m, seq_len,
+                                   kv_off, tok_stride, block_stride, scale_log2, BLOCK_N, PAGE, True)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + rows[:, None] * out_stride + h * D + d[None, :], o.to(out_ptr.dtype.element_ty),
              mask=mask_m[:, None])
@@ -193,16 +213,15 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     T, HQ, D = q.shape
     _, page, HKV, _ = k_cache.shape
     B = seq_lens.shape[0]
-    block_m = 64 if q.is_cuda else 16
-    block_n = 64 if q.is_cuda else 16
+    cfg = PREFILL_CONFIG if q.is_cuda else {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    block_m = cfg["BLOCK_M"]
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
     cu_tiles = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
     torch.cumsum((q_lens + block_m - 1) // block_m, 0, out=cu_tiles[1:])
-    grid = (triton.cdiv(T, block_m) + B, HQ)
+    grid = (HQ, triton.cdiv(T, block_m) + B)  # an upper bound on the tiles; spare programs exit at once
     _prefill_kernel[grid](q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, cu_tiles, out, B,
                           q.stride(0), out.stride(0), block_tables.stride(0), k_cache.stride(1),
-                          k_cache.stride(0), scale * _LOG2E, G=HQ // HKV, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
-                          PAGE=page, num_warps=4 if D <= 64 else 8, num_stages=2)
+                          k_cache.stride(0), scale * _LOG2E, G=HQ // HKV, D=D, PAGE=page, **cfg)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
