@@ -139,8 +139,8 @@ def main() -> None:
     sweep = None
     if args.sweep:
         sweep = {}
-        for bm, bn, w, st in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4),
-                              (128, 64, 8, 4), (128, 128, 8, 2), (64, 128, 4, 3)]:
+        for bm, bn, w, st in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (128, 32, 4, 3),
+                              (128, 64, 4, 4), (128, 128, 4, 3), (128, 32, 8, 4), (256, 32, 8, 3), (256, 64, 8, 3)]:
             attention_triton.PREFILL_CONFIG = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
             try:
                 sweep[f"{bm}x{bn}-w{w}-s{st}"] = prefill(8, 4096)["kiln_TFLOPs"]

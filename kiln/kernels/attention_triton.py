@@ -121,7 +121,10 @@ def _prefill_tiles(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, lo, hi, q_pos, seq_
         if MASKED:
             qk = tl.where((offs_n[None, :] <= q_pos[:, None]) & in_seq[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if MASKED:  # a row may have seen no key yet (only rows past the sequence's end)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_safe = m_new
         p = tl.math.exp2(qk * scale_log2 - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         v = tl.load(vc_ptr + krow[:, None] + kv_off)
