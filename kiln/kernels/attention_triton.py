@@ -24,8 +24,10 @@ import triton.language as tl
 from kiln.kernels.attention import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
-# Tile shape of the prefill kernel on GPUs (chosen on the H100 with benchmarks/kernels.py --sweep).
-PREFILL_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+# Tile shape of the prefill kernel on GPUs (chosen on the H100 with benchmarks/kernels.py --sweep);
+# short chunks use smaller tiles so padding rows do not dominate.
+PREFILL_CONFIG = {"BLOCK_M": 256, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+PREFILL_CONFIG_SHORT = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 
 
 @functools.lru_cache(maxsize=8)
@@ -212,11 +214,15 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                  query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+                  query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float, out: torch.Tensor,
+                  max_query_len: int | None = None) -> None:
     T, HQ, D = q.shape
     _, page, HKV, _ = k_cache.shape
     B = seq_lens.shape[0]
-    cfg = PREFILL_CONFIG if q.is_cuda else {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    if not q.is_cuda:
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    else:
+        cfg = PREFILL_CONFIG if (max_query_len or T) >= 256 else PREFILL_CONFIG_SHORT
     block_m = cfg["BLOCK_M"]
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
     cu_tiles = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
@@ -239,5 +245,5 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         qsl = meta.query_start_loc[nd:]
         # Prefill rows start after the nd decode rows; rebase the offsets to index q[nd:].
         paged_prefill(q[nd:], k_cache, v_cache, meta.block_tables[nd:], qsl - nd, meta.seq_lens[nd:], scale,
-                      out[nd:])
+                      out[nd:], meta.max_query_len)
     return out
