@@ -78,6 +78,10 @@ class Engine:
         else:
             self.model.load_weights(source.weights())
         self.model.eval()
+        if self.device.type == "cpu":
+            for m in self.model.modules():
+                if hasattr(m, "pack_for_cpu"):
+                    m.pack_for_cpu()
         log.info("loaded %s (%.2fB params, %s) on %s in %.1fs", source.name, mc.num_params() / 1e9,
                  str(self.dtype).removeprefix("torch."), self.device, time.perf_counter() - t0)
 
