@@ -21,8 +21,6 @@ class _Linear(nn.Module):
     """y = x W^T + b; on CPU the weight can be repacked once for oneDNN, which
     runs small-batch products 30-45% faster than the plain fp32 GEMM."""
 
-    weight: nn.Parameter
-    bias: nn.Parameter | None = None
     _packed: torch.Tensor | None = None
 
     def pack_for_cpu(self) -> None:
@@ -30,9 +28,10 @@ class _Linear(nn.Module):
             self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
+        bias = getattr(self, "bias", None)
         if self._packed is not None and x.shape[0] > 0:
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
+        return F.linear(x, self.weight, bias)
 
 
 def shape_of(t) -> tuple[int, ...]:
