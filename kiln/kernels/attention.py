@@ -9,7 +9,7 @@ sequences are concatenated, sequence s owning rows
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,8 @@ class AttentionMetadata:
     num_decodes: int  # the first `num_decodes` sequences have exactly one new token
     max_query_len: int
     max_seq_len: int
+    # Per-step derived data that every layer would otherwise recompute (e.g. the reference's masks).
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:
@@ -39,42 +41,62 @@ def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
     v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> torch.Tensor:
-    """[B, max_len, H, D] view of each sequence's cached tokens (tail is junk)."""
-    B = block_tables.shape[0]
-    nb, bs, h, d = cache.shape
-    nblk = -(-max_len // bs)
-    # index_select is several times faster than advanced indexing on CPU.
-    kv = cache.index_select(0, block_tables[:, :nblk].reshape(-1).long())
-    return kv.view(B, nblk * bs, h, d)[:, :max_len]
+@dataclass
+class _Group:
+    """One padded attention batch (decodes, or prompt chunks), planned once per step."""
+
+    rows: slice  # rows of the packed q / output
+    block_ids: torch.Tensor  # [B * nblk] cache blocks to gather, per sequence in order
+    B: int
+    max_q: int
+    max_kv: int
+    mask: torch.Tensor | None  # [B, 1, max_q, max_kv]; None when every key is visible
+    seq_idx: torch.Tensor | None = None  # packed row -> (sequence, row in sequence), for max_q > 1
+    row_in_seq: torch.Tensor | None = None
 
 
-def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, q_start: torch.Tensor,
-            seq_lens: torch.Tensor, block_tables: torch.Tensor, max_q: int, max_kv: int, scale: float) -> torch.Tensor:
-    """Padded-batch attention for one group of sequences; q rows are packed."""
-    B = seq_lens.shape[0]
-    T, Hq, D = q.shape
-    device = q.device
-    q_lens = (q_start[1:] - q_start[:-1]).long()
-    if max_q == 1:  # decodes: one row per sequence, nothing to pad
-        qp = q.view(B, 1, Hq, D)
-    else:
-        seq_idx = torch.repeat_interleave(torch.arange(B, device=device), q_lens, output_size=T)
-        row_in_seq = torch.arange(T, device=device) - q_start[:-1].long()[seq_idx]
-        qp = q.new_zeros(B, max_q, Hq, D)
-        qp[seq_idx, row_in_seq] = q
-    k = _gather_kv(k_cache, block_tables, max_kv)
-    v = _gather_kv(v_cache, block_tables, max_kv)
+def _plan_group(meta: AttentionMetadata, first: int, last: int, block_size: int) -> _Group:
+    qsl = meta.query_start_loc
+    q_start = qsl[first:last + 1].long()
+    q_lens = q_start[1:] - q_start[:-1]
+    seq_lens = meta.seq_lens[first:last].long()
+    B = last - first
+    decodes = first < meta.num_decodes
+    max_q = 1 if decodes else meta.max_query_len
+    max_kv = meta.max_seq_len if (decodes and last == meta.num_seqs) or (not decodes and first == 0) \
+        else int(seq_lens.max())
+    nblk = -(-max_kv // block_size)
+    block_ids = meta.block_tables[first:last, :nblk].reshape(-1).long()
+    device = seq_lens.device
     # Query i of sequence b sits at position ctx_b + i, where ctx_b tokens came before this step.
-    ctx = (seq_lens.long() - q_lens)[:, None, None]
+    ctx = (seq_lens - q_lens)[:, None, None]
     i = torch.arange(max_q, device=device)[None, :, None]
     j = torch.arange(max_kv, device=device)[None, None, :]
-    mask = (j <= ctx + i) & (j < seq_lens.long()[:, None, None])
+    mask = ((j <= ctx + i) & (j < seq_lens[:, None, None]))[:, None]
+    rows = slice(int(q_start[0]), int(q_start[-1])) if not decodes else slice(first, last)
+    group = _Group(rows, block_ids, B, max_q, max_kv, mask)
+    if max_q > 1:
+        T = rows.stop - rows.start
+        group.seq_idx = torch.repeat_interleave(torch.arange(B, device=device), q_lens, output_size=T)
+        group.row_in_seq = torch.arange(T, device=device) - (q_start[:-1] - q_start[0])[group.seq_idx]
+    return group
+
+
+def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: _Group, scale: float) -> torch.Tensor:
+    _, bs, h, d = k_cache.shape
+    Hq = q.shape[1]
+    # index_select is several times faster than advanced indexing on CPU.
+    k = k_cache.index_select(0, g.block_ids).view(g.B, -1, h, d)[:, :g.max_kv]
+    v = v_cache.index_select(0, g.block_ids).view(g.B, -1, h, d)[:, :g.max_kv]
+    if g.max_q == 1:
+        qp = q.view(g.B, 1, Hq, d)
+    else:
+        qp = q.new_zeros(g.B, g.max_q, Hq, d)
+        qp[g.seq_idx, g.row_in_seq] = q
     out = F.scaled_dot_product_attention(
         qp.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
-        attn_mask=mask[:, None], scale=scale, enable_gqa=Hq != k.shape[2])
-    out = out.transpose(1, 2)
-    return out.reshape(B, Hq, D) if max_q == 1 else out[seq_idx, row_in_seq]
+        attn_mask=g.mask, scale=scale, enable_gqa=Hq != h).transpose(1, 2)
+    return out.reshape(g.B, Hq, d) if g.max_q == 1 else out[g.seq_idx, g.row_in_seq]
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -82,21 +104,19 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     """Causal attention of each new token to its sequence's cached tokens.
 
     The cache must already hold this step's K/V. Decodes and prefills are
-    padded separately so a long prompt chunk does not pad every decode.
+    padded separately so a long prompt chunk does not pad every decode; the
+    plan (masks, indices) is made once per step and shared by all layers.
     """
+    bs = k_cache.shape[1]
+    key = ("ref_plan", bs)
+    plan = meta.cache.get(key)
+    if plan is None:
+        nd, B = meta.num_decodes, meta.num_seqs
+        plan = meta.cache[key] = ([_plan_group(meta, 0, nd, bs)] if nd else []) + \
+            ([_plan_group(meta, nd, B, bs)] if nd < B else [])
     out = torch.empty_like(q)
-    nd, qsl = meta.num_decodes, meta.query_start_loc
-    if nd:
-        seq_lens = meta.seq_lens[:nd]
-        max_kv = meta.max_seq_len if nd == meta.num_seqs else int(seq_lens.max())
-        out[:nd] = _attend(q[:nd], k_cache, v_cache, qsl[:nd + 1], seq_lens, meta.block_tables[:nd],
-                           1, max_kv, scale)
-    if nd < meta.num_seqs:
-        start = int(qsl[nd])
-        seq_lens = meta.seq_lens[nd:]
-        max_kv = int(seq_lens.max())
-        out[start:] = _attend(q[start:], k_cache, v_cache, qsl[nd:] - start, seq_lens, meta.block_tables[nd:],
-                              meta.max_query_len, max_kv, scale)
+    for g in plan:
+        out[g.rows] = _attend(q[g.rows], k_cache, v_cache, g, scale)
     return out
 
 

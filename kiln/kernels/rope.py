@@ -59,8 +59,14 @@ def apply_rope_ref(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tens
 def rope_and_cache_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                        cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        slot_mapping: torch.Tensor) -> None:
-    q.copy_(apply_rope_ref(q, positions, cos_sin))
-    k.copy_(apply_rope_ref(k, positions, cos_sin))
+    hq, hk = q.shape[1], k.shape[1]
+    if q.stride() == k.stride() and k.data_ptr() == q.data_ptr() + hq * q.stride(1) * q.element_size():
+        # q and k are neighbours in the fused QKV output: rotate them as one tensor.
+        qk = q.as_strided((q.shape[0], hq + hk, q.shape[2]), q.stride())
+        qk.copy_(apply_rope_ref(qk, positions, cos_sin))
+    else:
+        q.copy_(apply_rope_ref(q, positions, cos_sin))
+        k.copy_(apply_rope_ref(k, positions, cos_sin))
     write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
 
 
