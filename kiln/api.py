@@ -16,7 +16,7 @@ from kiln.config import CacheConfig, EngineConfig, ParallelConfig, SamplingParam
 from kiln.outputs import CompletionOutput, Logprob, RequestOutput, RequestState
 from kiln.tokenizer import Tokenizer
 from kiln.workers.executor import Executor
-from kiln.workers.loaders import ModelSource
+from kiln.workers.loaders import ModelSource, resolve_model
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
 
@@ -43,28 +43,51 @@ class LLM:
         enforce_eager: bool = False,
         device: str = "auto",
         seed: int = 0,
+        collective_timeout_s: float = 120.0,
     ) -> None:
         # A ModelSource (from kiln.workers.loaders.resolve_model) lets engines share one parsed checkpoint.
         source = model if isinstance(model, ModelSource) else None
         self.config = EngineConfig(
-            model=source.name if source else model, random_weights=random_weights, dtype=dtype, device=device, seed=seed,
+            model=source.path if source else model, random_weights=random_weights, dtype=dtype, device=device, seed=seed,
             enforce_eager=enforce_eager,
             cache=CacheConfig(block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
                               kv_cache_bytes=kv_cache_bytes, num_blocks=num_blocks,
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       max_model_len=max_model_len or 0),
-            parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size))
+            parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size,
+                                    collective_timeout_s=collective_timeout_s))
         if self.config.parallel.world_size > 1:
-            raise ValueError("tensor_parallel_size / pipeline_parallel_size > 1 are not available in this "
-                             "build yet; use 1")
-        self.executor = Executor(self.config, source)
+            # One Ray actor per rank; this process keeps the tokenizer and drives them.
+            from kiln.workers.worker import RayExecutor
+
+            if source is None:
+                source = resolve_model(model, random_weights)
+            self.executor = RayExecutor(self.config, source)
+        else:
+            self.executor = Executor(self.config, source)
         self._ids = itertools.count()
         self._states: dict[str, RequestState] = {}
 
     @property
     def tokenizer(self) -> Tokenizer | None:
         return self.executor.tokenizer
+
+    @property
+    def healthy(self) -> bool:
+        """False once a rank of a multi-GPU replica has died or a collective timed out."""
+        return getattr(self.executor, "healthy", True)
+
+    def shutdown(self) -> None:
+        """Stop worker ranks (tensor/pipeline parallel) and free their GPUs; a no-op for one rank."""
+        if hasattr(self.executor, "shutdown"):
+            self.executor.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     # -- requests ------------------------------------------------------------
 
@@ -90,21 +113,22 @@ class LLM:
         """One engine step; returns the states that changed."""
         events, aborted = self.executor.step()
         changed: dict[str, RequestState] = {}
-        for seq in aborted:
-            state = self._states.get(seq.request_id)
-            if state is not None and not state.finished and seq.finish_reason == "abort":
-                co = state.output.outputs[seq.index]
+        for request_id, index in aborted:
+            state = self._states.get(request_id)
+            if state is not None and not state.finished:
+                co = state.output.outputs[index]
                 if not co.finished:
                     co.finish_reason = "abort"
                     state.output.finished = all(o.finished for o in state.output.outputs)
-                changed[seq.request_id] = state
+                changed[request_id] = state
         for ev in events:
-            seq = ev.seq
-            state = self._states[seq.request_id]
-            reason = seq.finish_reason if ev.finished else None
-            if state.add_token(seq.index, ev.token_id, ev.logprobs, reason, seq.stop_reason, seq.num_cached_tokens):
-                self.executor.abort_request(seq.request_id, seq.index)
-            changed[seq.request_id] = state
+            state = self._states.get(ev.request_id)
+            if state is None:
+                continue
+            if state.add_token(ev.index, ev.token_id, ev.logprobs, ev.finish_reason, ev.stop_reason,
+                               ev.num_cached_tokens):
+                self.executor.abort_request(ev.request_id, ev.index)
+            changed[ev.request_id] = state
         for rid, state in changed.items():
             if state.finished:
                 self._states.pop(rid, None)

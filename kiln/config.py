@@ -113,10 +113,16 @@ class SchedulerConfig:
 class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # Every collective (NCCL or gloo) fails after this long: a dead rank becomes an error, not a hang.
+    collective_timeout_s: float = 120.0
+    # Seconds an idle leader waits before a heartbeat step (keeps the other ranks' waits short).
+    heartbeat_s: float = 0.5
 
     def __post_init__(self) -> None:
         _positive("tensor_parallel_size", self.tensor_parallel_size)
         _positive("pipeline_parallel_size", self.pipeline_parallel_size)
+        _positive("collective_timeout_s", self.collective_timeout_s)
+        _positive("heartbeat_s", self.heartbeat_s)
 
     @property
     def world_size(self) -> int:
@@ -141,6 +147,15 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
             raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EngineConfig":
+        d = dict(d)
+        return cls(cache=CacheConfig(**d.pop("cache")), scheduler=SchedulerConfig(**d.pop("scheduler")),
+                   parallel=ParallelConfig(**d.pop("parallel")), **d)
 
 
 @dataclass

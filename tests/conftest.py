@@ -49,3 +49,14 @@ def hf_model(smollm_path):
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(smollm_path),
                                                  gguf_file=os.path.basename(smollm_path), dtype=torch.float32)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session (parallel replicas, Serve)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, include_dashboard=False, logging_level="warning")
+    yield ray
+    ray.shutdown()

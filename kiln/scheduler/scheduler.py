@@ -5,7 +5,9 @@ every rank of a replica can run its own copy and reach the same plan (SPMD).
 """
 from __future__ import annotations
 
+import itertools
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from kiln.config import SchedulerConfig
@@ -36,17 +38,18 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 seq_ids: Iterator[int] | None = None) -> None:
         self.config = config
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self._next_seq_id = 0
+        # Schedulers sharing a block manager must share the id source: ids key its bookkeeping.
+        self._seq_ids = seq_ids if seq_ids is not None else itertools.count(1)
 
     def new_seq_id(self) -> int:
-        self._next_seq_id += 1
-        return self._next_seq_id
+        return next(self._seq_ids)
 
     @property
     def num_unfinished(self) -> int:

@@ -54,6 +54,7 @@ class StepInputs:
     meta: AttentionMetadata
     logits_indices: torch.Tensor
     num_tokens: int
+    graph: bool = False  # padded to a captured CUDA graph's batch size
 
 
 class Engine:
@@ -93,7 +94,8 @@ class Engine:
         self._allocate_kv_cache(self.num_blocks)
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        if self.device.type == "cuda" and not config.enforce_eager and backend.use_triton(self.model.cos_sin):
+        if self.device.type == "cuda" and not config.enforce_eager and backend.use_triton(self.model.cos_sin) \
+                and self.ctx.pp_size == 1:
             self._capture_graphs()
 
     # -- KV cache ------------------------------------------------------------
@@ -203,25 +205,41 @@ class Engine:
             seq_lens=put(seq_lens, torch.int32), block_tables=put(block_tables, torch.int32),
             num_decodes=num_decodes, max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()))
         return StepInputs(put(input_ids, torch.int64), put(positions, torch.int64), meta,
-                          put(logits_indices, torch.int64), T)
+                          put(logits_indices, torch.int64), T, graph)
 
     # -- forward -------------------------------------------------------------
 
-    def _forward(self, inputs: StepInputs) -> torch.Tensor:
-        hidden, _ = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
-        return hidden
+    def _forward(self, inputs: StepInputs, hidden: torch.Tensor | None = None,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, hidden, residual)
+
+    def prepare(self, scheduled: list[ScheduledSeq]) -> StepInputs:
+        """Device inputs for a step (padded to a captured graph's size when one will replay)."""
+        return self._prepare(scheduled, graph=self._graph_eligible(scheduled))
+
+    def _graph_eligible(self, scheduled: list[ScheduledSeq]) -> bool:
+        return bool(self.graphs) and len(scheduled) <= self._max_graph_size \
+            and all(e.num_new_tokens == 1 for e in scheduled)
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
-        """Run one step; returns fp32 logits [num sampling entries, vocab]."""
-        use_graph = bool(self.graphs) and all(e.num_new_tokens == 1 for e in scheduled) \
-            and len(scheduled) <= self._max_graph_size
-        inputs = self._prepare(scheduled, graph=use_graph)
-        if use_graph:
-            hidden = self._replay(inputs)
-        else:
-            hidden = self._forward(inputs)
+    def forward(self, inputs: StepInputs, hidden: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's layers. A first stage embeds input ids; later stages take the
+        previous stage's (hidden, residual). A last stage returns normed hidden states."""
+        if inputs.graph:
+            return self._replay(inputs), None
+        return self._forward(inputs, hidden, residual)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+        """fp32 logits of the rows that sample (last stage only)."""
         return self.model.compute_logits(hidden[inputs.logits_indices])
+
+    def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        """A whole step on a single-stage rank: fp32 logits [sampling entries, vocab]."""
+        inputs = self.prepare(scheduled)
+        hidden, _ = self.forward(inputs)
+        return self.logits(hidden, inputs)
 
     # -- CUDA graphs ---------------------------------------------------------
 

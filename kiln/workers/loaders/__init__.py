@@ -21,6 +21,7 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 @dataclass
 class ModelSource:
     name: str
+    path: str  # what to pass to resolve_model to get this source again (a file, directory or preset)
     config: ModelConfig
     # None for random weights; else yields (HF tensor name, tensor or lazy slice).
     weights: Callable[[], Iterator[tuple[str, object]]] | None
@@ -49,9 +50,9 @@ def resolve_model(model: str | None, random_weights: bool = False) -> ModelSourc
     if random_weights:
         if model is None or model in presets.PRESETS:
             name = model or "smollm2-135m"
-            return ModelSource(name, dataclasses.replace(presets.PRESETS[name]), None, None)
+            return ModelSource(name, name, dataclasses.replace(presets.PRESETS[name]), None, None)
         if os.path.isdir(model):
-            return ModelSource(model, hf.read_config(model), None, _maybe_tokenizer(model))
+            return ModelSource(model, model, hf.read_config(model), None, _maybe_tokenizer(model))
         raise ValueError(f"random_weights needs a preset ({', '.join(presets.PRESETS)}) or a model directory "
                          f"with config.json; got {model!r}")
     path = embedded_model_path() if model is None else os.path.expanduser(model)
@@ -64,12 +65,12 @@ def resolve_model(model: str | None, random_weights: bool = False) -> ModelSourc
         from kiln.workers.loaders.gguf import GGUFFile
 
         g = GGUFFile(path)
-        return ModelSource(g.config.name, g.config, g.weights, g.tokenizer())
+        return ModelSource(g.config.name, path, g.config, g.weights, g.tokenizer())
     if not os.path.exists(os.path.join(path, "config.json")):
         raise ValueError(f"model directory {path!r} has no config.json")
     cfg = hf.read_config(path)
     hf.safetensors_files(path)  # fail now, not after building the model
-    return ModelSource(path, cfg, lambda: hf.iter_weights(path), _maybe_tokenizer(path))
+    return ModelSource(path, path, cfg, lambda: hf.iter_weights(path), _maybe_tokenizer(path))
 
 
 def _maybe_tokenizer(path: str) -> Tokenizer | None:

@@ -78,10 +78,10 @@ class RowParallelLinear(_Linear):
     """Input features split over ranks; partial outputs are summed by all-reduce."""
 
     def __init__(self, in_features: int, out_features: int, ctx: ParallelContext,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, shard: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.ctx = ctx
-        self.start, size = ctx.shard(in_features)
+        self.start, size = shard or ctx.shard(in_features)
         self.weight = nn.Parameter(torch.empty(out_features, size, dtype=dtype, device=device), requires_grad=False)
 
     def load(self, tensor) -> None:

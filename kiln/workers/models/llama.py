@@ -25,36 +25,52 @@ from kiln.workers.parallel import ParallelContext, layer_range
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
-def kv_head_split(num_kv_heads: int, ctx: ParallelContext) -> tuple[int, int]:
-    """(first KV head, KV heads) on this rank; replicated when heads < ranks."""
-    tp = ctx.tp_size
+def head_split(num_heads: int, num_kv_heads: int, ctx: ParallelContext) -> tuple[int, int, int, int]:
+    """(first KV head, KV heads, first query head, query heads) of this rank.
+
+    KV heads are dealt out as evenly as possible and each rank takes the query
+    heads that attend to its KV heads, so uneven counts work (SmolLM2's 3 KV
+    heads over 2 ranks: 2 + 1). With fewer KV heads than ranks, each KV head is
+    replicated and its query heads are split among the ranks that share it.
+    """
+    tp, r = ctx.tp_size, ctx.tp_rank
+    group = num_heads // num_kv_heads
     if num_kv_heads >= tp:
-        if num_kv_heads % tp:
-            raise ValueError(f"num_key_value_heads={num_kv_heads} does not split over tensor_parallel_size={tp}")
-        n = num_kv_heads // tp
-        return ctx.tp_rank * n, n
-    if tp % num_kv_heads:
-        raise ValueError(f"tensor_parallel_size={tp} is not a multiple of num_key_value_heads={num_kv_heads}")
-    return ctx.tp_rank * num_kv_heads // tp, 1
+        lo, hi = r * num_kv_heads // tp, (r + 1) * num_kv_heads // tp
+        return lo, hi - lo, lo * group, (hi - lo) * group
+    if tp % num_kv_heads or group % (tp // num_kv_heads):
+        raise ValueError(f"tensor_parallel_size={tp} cannot split {num_heads} query heads over "
+                         f"{num_kv_heads} KV heads evenly")
+    share = tp // num_kv_heads
+    kv = r // share
+    per = group // share
+    return kv, 1, kv * group + (r % share) * per, per
+
+
+def validate_layout(cfg: ModelConfig, tp: int, pp: int) -> None:
+    """Raise ValueError now if the model cannot be split tp x pp (before any rank starts)."""
+    layer_range(cfg.num_hidden_layers, 0, pp)
+    for rank in range(tp):
+        ctx = ParallelContext(tp_rank=rank, tp_size=tp)
+        head_split(cfg.num_attention_heads, cfg.num_key_value_heads, ctx)
+        ctx.shard(cfg.intermediate_size)
 
 
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         d = cfg.head_dim
-        if cfg.num_attention_heads % ctx.tp_size:
-            raise ValueError(f"num_attention_heads={cfg.num_attention_heads} does not split over "
-                             f"tensor_parallel_size={ctx.tp_size}")
-        self.num_heads = cfg.num_attention_heads // ctx.tp_size
-        kv_start, self.num_kv_heads = kv_head_split(cfg.num_key_value_heads, ctx)
+        kv_start, self.num_kv_heads, q_start, self.num_heads = head_split(
+            cfg.num_attention_heads, cfg.num_key_value_heads, ctx)
         self.head_dim = d
         self.scale = d ** -0.5
         q_rows, kv_rows = self.num_heads * d, self.num_kv_heads * d
         self.qkv_proj = MergedColumnLinear(
             cfg.hidden_size,
-            [("q", ctx.tp_rank * q_rows, q_rows), ("k", kv_start * d, kv_rows), ("v", kv_start * d, kv_rows)],
+            [("q", q_start * d, q_rows), ("k", kv_start * d, kv_rows), ("v", kv_start * d, kv_rows)],
             cfg.attention_bias, dtype, device)
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, ctx, dtype, device)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, ctx, dtype, device,
+                                        shard=(q_start * d, q_rows))
         self.sizes = [q_rows, kv_rows, kv_rows]
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor,
