@@ -32,23 +32,27 @@ def measure(args) -> dict:
 
     t0 = time.perf_counter()
     llm = LLM(args.model, random_weights=True, max_model_len=args.max_model_len,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, device=args.device)
     load_s = time.perf_counter() - t0
     cfg = llm.executor.source.config
     vocab = cfg.vocab_size
     gen = torch.Generator().manual_seed(0)
-    out: dict = {"load_seconds": round(load_s, 1), "num_kv_blocks": llm.executor.engine.num_blocks,
-                 "cuda_graphs": bool(llm.executor.engine.graphs)}
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and args.device != "cpu" else (lambda: None)
+    local = getattr(llm.executor, "engine", None)  # None when the ranks are Ray actors
+    out: dict = {"tp": args.tp, "pp": args.pp, "load_seconds": round(load_s, 1),
+                 "cuda_graphs": bool(local.graphs) if local else None}
 
     # Batch-1 decode.
     prompt = torch.randint(100, vocab, (128,), generator=gen).tolist()
     llm.generate([prompt], SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)  # warm up
     stamps = []
     for snap in llm.stream(prompt, SamplingParams(max_tokens=args.decode_tokens, ignore_eos=True, temperature=0)):
-        torch.cuda.synchronize()
+        sync()
         stamps.append(time.perf_counter())
     per_tok = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
-    weight_bytes = sum(p.numel() * p.element_size() for p in llm.executor.engine.model.parameters())
+    # Weight bytes per GPU: each of tp ranks reads 1/tp of the weights per token.
+    weight_bytes = cfg.num_params() * 2 // args.tp
     floor_ms = weight_bytes / (COPY_TBS * 1e12) * 1e3
     out["batch1_decode"] = {"ms_per_token": round(per_tok * 1e3, 3), "weight_bytes": weight_bytes,
                             "floor_ms": round(floor_ms, 3), "ratio_to_floor": round(per_tok * 1e3 / floor_ms, 3),
@@ -59,17 +63,18 @@ def measure(args) -> dict:
         prompts = [torch.randint(100, vocab, (i,), generator=gen).tolist() for _ in range(args.requests)]
         params = SamplingParams(max_tokens=o, ignore_eos=True, temperature=0)
         llm.generate(prompts[:8], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         res = llm.generate(prompts, params, use_tqdm=False)
-        torch.cuda.synchronize()
+        sync()
         dt = time.perf_counter() - t
         n_out = sum(len(r.outputs[0].token_ids) for r in res)
         assert n_out == args.requests * o
         out[f"in{i}_out{o}"] = {"requests": args.requests, "seconds": round(dt, 3),
                                 "output_tok_s": round(n_out / dt, 1),
                                 "total_tok_s": round((n_out + args.requests * i) / dt, 1),
-                                "preemptions": llm.executor.scheduler.num_preemptions}
+                                "preemptions": llm.executor.stats()["num_preemptions"]}
+    llm.shutdown()
     return out
 
 
@@ -80,6 +85,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--workload", nargs="+", default=["128/128", "2048/128"])
     ap.add_argument("--kernels", nargs="+", default=["triton", "torch"])
+    ap.add_argument("--layouts", nargs="+", default=["1x1"], help="TPxPP layouts to run, e.g. 1x1 2x1 1x2")
+    ap.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--pp", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="auto")
     ap.add_argument("--decode-tokens", type=int, default=129)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--max-num-seqs", type=int, default=256)
@@ -93,12 +102,16 @@ def main() -> None:
     from benchmarks.common import write_result
 
     figures = {}
-    for k in args.kernels:
+    for k, layout in [(k, lay) for lay in args.layouts for k in args.kernels]:
+        tp, pp = map(int, layout.split("x"))
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--model", args.model, "--requests",
                str(args.requests), "--decode-tokens", str(args.decode_tokens), "--max-model-len",
                str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens",
-               str(args.max_num_batched_tokens), "--workload", *args.workload]
+               str(args.max_num_batched_tokens), "--tp", str(tp), "--pp", str(pp), "--device", args.device,
+               "--workload", *args.workload]
         env = dict(os.environ, KILN_KERNELS="auto" if k == "triton" else "torch")
+        if layout != "1x1":
+            k = f"{k}-tp{tp}-pp{pp}"
         t = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -109,15 +122,15 @@ def main() -> None:
         figures[k] = json.loads(line[len("RESULT "):])
         figures[k]["wall_seconds"] = round(time.perf_counter() - t, 1)
         print(f"[{k}] {json.dumps(figures[k])}", flush=True)
-    print(f"\n{'kernels':8s} {'b1 ms/tok':>10s} {'x floor':>8s} " + " ".join(f"{w + ' tok/s':>16s}" for w in args.workload))
+    print(f"\n{'run':16s} {'b1 ms/tok':>10s} {'x floor':>8s} " + " ".join(f"{w + ' tok/s':>16s}" for w in args.workload))
     for k, f in figures.items():
         if "error" in f:
-            print(f"{k:8s} error")
+            print(f"{k:16s} error")
             continue
         b1 = f["batch1_decode"]
         keys = ["in{}_out{}".format(*w.split("/")) for w in args.workload]
         tps = " ".join(f"{f[key]['output_tok_s']:16.1f}" for key in keys)
-        print(f"{k:8s} {b1['ms_per_token']:10.2f} {b1['ratio_to_floor']:8.2f} {tps}")
+        print(f"{k:16s} {b1['ms_per_token']:10.2f} {b1['ratio_to_floor']:8.2f} {tps}")
     print("wrote", write_result(args.name, figures, model=args.model, dtype="bfloat16", weights="random",
                                 reference={"hf_transformers_static_batch256_128_128_tok_s": 2581,
                                            "hf_transformers_batch1_ms_per_token": 105}))

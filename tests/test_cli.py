@@ -32,3 +32,15 @@ def test_bad_input_is_a_clear_error():
     assert r.returncode == 2 and "top_p must be in (0, 1]" in r.stderr and "Traceback" not in r.stderr
     r = run("generate", "--prompt", "x", "--model", "/no/such/model")
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_generate_tensor_parallel_starts_and_stops_ray():
+    """--tp 2 starts a local Ray cluster (no RAY_ADDRESS), runs two ranks, and leaves nothing behind."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-m", "kiln.cli", "generate", "--prompt", "The capital of France is",
+                        "--max-tokens", "4", "--device", "cpu", "--tp", "2", "--kv-cache-bytes", str(1 << 27)],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Paris" in r.stdout

@@ -14,6 +14,9 @@ import torch
 import torch.distributed as dist
 
 
+_HEAD = 4096  # bytes in a control broadcast's first message
+
+
 @dataclass
 class ParallelContext:
     tp_rank: int = 0
@@ -66,16 +69,32 @@ class ParallelContext:
     # -- control plane (CPU group) ------------------------------------------
 
     def broadcast_bytes(self, data: bytes | None, src: int) -> bytes:
-        """Send `data` from rank `src` to every rank (a length, then the bytes)."""
+        """Send `data` from rank `src` to every rank.
+
+        One fixed-size message (an 8-byte length, then up to 4 KiB) covers a
+        step's usual traffic in a single collective; longer data follows in a second.
+        """
         if self.world_size == 1:
             return data or b""
-        size = torch.tensor([len(data) if self.rank == src else 0], dtype=torch.int64)
-        dist.broadcast(size, src, group=self.cpu_group)
-        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == src \
-            else torch.empty(int(size), dtype=torch.uint8)
-        if int(size):
-            dist.broadcast(buf, src, group=self.cpu_group)
-        return data if self.rank == src else buf.numpy().tobytes()
+        head = torch.zeros(_HEAD, dtype=torch.uint8)
+        if self.rank == src:
+            head[:8] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
+            first = data[:_HEAD - 8]
+            if first:
+                head[8:8 + len(first)] = torch.frombuffer(bytearray(first), dtype=torch.uint8)
+        dist.broadcast(head, src, group=self.cpu_group)
+        if self.rank == src:
+            rest = data[_HEAD - 8:]
+            if rest:
+                dist.broadcast(torch.frombuffer(bytearray(rest), dtype=torch.uint8), src, group=self.cpu_group)
+            return data
+        size = int(head[:8].view(torch.int64))
+        out = head[8:8 + size].numpy().tobytes()
+        if size > _HEAD - 8:
+            rest = torch.empty(size - (_HEAD - 8), dtype=torch.uint8)
+            dist.broadcast(rest, src, group=self.cpu_group)
+            out += rest.numpy().tobytes()
+        return out
 
     def all_min(self, value: int) -> int:
         if self.world_size == 1:
