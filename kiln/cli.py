@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 DESCRIPTION = """\
@@ -19,6 +20,7 @@ examples:
   kiln generate --prompt "The capital of France is" --max-tokens 16
   kiln generate --chat --prompt "Write a haiku about kilns."
   kiln chat
+  kiln serve --replicas 2 --port 8000          # OpenAI API at http://127.0.0.1:8000/v1
   kiln generate --model ./Meta-Llama-3.1-8B-Instruct --prompt "Hello" --temperature 0.7
 """
 
@@ -55,6 +57,46 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--sampling-seed", type=int, default=None, help="per-request seed (same seed, same output)")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _engine_config(args: argparse.Namespace):
+    from kiln.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+
+    return EngineConfig(
+        model=args.model, random_weights=args.random_weights, dtype=args.dtype, device=args.device, seed=args.seed,
+        enforce_eager=args.enforce_eager,
+        cache=CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
+                          kv_cache_bytes=args.kv_cache_bytes),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_model_len=args.max_model_len or 0),
+        parallel=ParallelConfig(args.tp, args.pp))
+
+
+def _serve_config(args: argparse.Namespace):
+    from kiln.config import RouterConfig, ServeConfig
+
+    return ServeConfig(engine=_engine_config(args),
+                       router=RouterConfig(policy=args.routing, max_queued_per_replica=args.max_queued),
+                       num_replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                       target_ongoing_requests=args.target_ongoing_requests, host=args.host, port=args.port,
+                       api_key=args.api_key or os.environ.get("KILN_API_KEY"), model_name=args.served_model_name)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kiln.cluster.job import serve_forever
+
+    if args.model is None and args.model_pos is not None:
+        args.model = args.model_pos
+    serve_forever(_serve_config(args), detach=args.detach)
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from kiln.cluster.job import submit
+
+    job_id = submit(args.address, args.serve_args, args.working_dir, wait=False)
+    print(f"submitted job {job_id}; follow it with: ray job logs --address {args.address} -f {job_id}")
+    return 0
 
 
 def _make_llm(args: argparse.Namespace):
@@ -159,6 +201,34 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(c)
     _sampling_args(c)
     c.set_defaults(func=cmd_chat)
+
+    sv = sub.add_parser("serve", help="serve an OpenAI-compatible API (Ray Serve replicas behind a KV-aware router)",
+                        description="Serve the model at http://HOST:PORT/v1. Starts a local Ray cluster unless "
+                                    "RAY_ADDRESS names one to join. Ctrl-C or SIGTERM drains and stops.")
+    sv.add_argument("model_pos", nargs="?", metavar="MODEL", help="same as --model")
+    g = sv.add_argument_group("service")
+    g.add_argument("--replicas", type=int, default=1, help="model replicas (each owns tp x pp GPUs)")
+    g.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound")
+    g.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound")
+    g.add_argument("--target-ongoing-requests", type=int, default=32, help="autoscaling target per replica")
+    g.add_argument("--routing", default="kv", choices=["kv", "least-loaded", "round-robin"])
+    g.add_argument("--max-queued", type=int, default=256, help="requests per replica before HTTP 429")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or KILN_API_KEY)")
+    g.add_argument("--served-model-name", default=None, help="the model name clients send")
+    g.add_argument("--detach", action="store_true", help="deploy and return, leaving the app running")
+    _engine_args(sv)
+    sv.set_defaults(func=cmd_serve)
+
+    sb = sub.add_parser("submit", help="run `kiln serve` on a Ray cluster as a Ray job",
+                        description="Submit `kiln serve SERVE_ARGS...` to a running Ray cluster "
+                                    "(same as `ray job submit -- kiln serve ...`).")
+    sb.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
+                    help="the cluster's job server (dashboard) address")
+    sb.add_argument("--working-dir", default=None, help="upload this directory with the job")
+    sb.add_argument("serve_args", nargs=argparse.REMAINDER, help="arguments for kiln serve (after --)")
+    sb.set_defaults(func=cmd_submit)
     return parser
 
 
@@ -174,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"kiln: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        print(f"kiln: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

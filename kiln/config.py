@@ -237,3 +237,72 @@ class SamplingParams:
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingParams":
         return cls(**d)
+
+
+ROUTING_POLICIES = ("kv", "least-loaded", "round-robin")
+
+
+@dataclass
+class RouterConfig:
+    """How the central router picks a replica (see kiln/cluster/router.py)."""
+
+    policy: str = "kv"
+    # score = prefix_weight * cached fraction - load_weight * queued / max_queued - kv_usage_weight * KV usage
+    prefix_weight: float = 1.0
+    load_weight: float = 2.0
+    kv_usage_weight: float = 0.5
+    # Requests a replica may hold (running + waiting) before the router stops sending it more;
+    # when every replica is full, new requests get HTTP 429.
+    max_queued_per_replica: int = 256
+    retry_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        if self.policy not in ROUTING_POLICIES:
+            raise ValueError(f"routing policy must be one of {', '.join(ROUTING_POLICIES)}; got {self.policy!r}")
+        for name in ("prefix_weight", "load_weight", "kv_usage_weight"):
+            _positive(name, getattr(self, name), allow_zero=True)
+        _positive("max_queued_per_replica", self.max_queued_per_replica)
+        _positive("retry_after_s", self.retry_after_s)
+
+
+@dataclass
+class ServeConfig:
+    """A `kiln serve` deployment: the engine every replica runs, how many, and the HTTP front."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    num_replicas: int = 1
+    # Autoscaling (Ray Serve): when max_replicas > num_replicas, replicas follow ongoing requests.
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    target_ongoing_requests: int = 32
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    model_name: str | None = None  # the name clients send as "model" (default: derived from the model)
+    app_name: str = "kiln"
+
+    def __post_init__(self) -> None:
+        _positive("num_replicas", self.num_replicas)
+        _positive("target_ongoing_requests", self.target_ongoing_requests)
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+        lo = self.min_replicas if self.min_replicas is not None else self.num_replicas
+        hi = self.max_replicas if self.max_replicas is not None else self.num_replicas
+        if not 0 <= lo <= self.num_replicas <= hi:
+            raise ValueError(f"need min_replicas <= num_replicas <= max_replicas, got {lo}, {self.num_replicas}, {hi}")
+
+    @property
+    def autoscaling(self) -> bool:
+        return (self.max_replicas or self.num_replicas) > self.num_replicas or \
+            (self.min_replicas is not None and self.min_replicas < self.num_replicas)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ServeConfig":
+        d = dict(d)
+        engine = EngineConfig.from_dict(d.pop("engine")) if "engine" in d else EngineConfig()
+        router = RouterConfig(**d.pop("router")) if "router" in d else RouterConfig()
+        return cls(engine=engine, router=router, **d)

@@ -60,6 +60,7 @@ class RequestState:
         self.detokenizers = [IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens)
                              if tokenizer else None for _ in range(params.n)]
         self._holdback = max((len(s) for s in params.stop), default=1) - 1
+        self.replica = ""  # which replica served it (set by the HTTP server)
 
     @property
     def finished(self) -> bool:

@@ -237,6 +237,14 @@ class Executor:
                 self.sampler.release(seq.seq_id)
         return events
 
+    @property
+    def last_stats(self) -> dict:
+        return self.stats()
+
+    def take_kv_events(self) -> list[tuple]:
+        """Blocks stored in / evicted from the prefix cache since the last call (for the router)."""
+        return self.block_manager.take_events()
+
     def stats(self) -> dict:
         bm = self.block_manager
         return {

@@ -121,8 +121,10 @@ class RankWorker:
                 self._cv.wait(remaining)
             events, self._events = self._events, []
             aborted, self._aborted = self._aborted, []
-            return msgpack.packb({"events": events, "aborted": aborted, "error": self.error,
-                                  "busy": self._busy or bool(self._inbox)})
+            kv = [list(e) for e in self.executor.take_kv_events()] if self.executor else []
+            stats = self.executor.stats() if self.executor else {}
+            return msgpack.packb({"events": events, "aborted": aborted, "error": self.error, "kv": kv,
+                                  "stats": stats, "busy": self._busy or bool(self._inbox)})
 
     def stats(self) -> bytes:
         return msgpack.packb(self.executor.stats())
@@ -136,9 +138,13 @@ def _first_line(e: BaseException) -> str:
 class RayExecutor:
     """The driver side of a multi-rank replica, with a local Executor's interface."""
 
-    def __init__(self, config: EngineConfig, source: ModelSource, poll_s: float = 0.05) -> None:
+    def __init__(self, config: EngineConfig, source: ModelSource, poll_s: float = 0.05,
+                 placement_group=None, bundle_offset: int = 0) -> None:
+        """Start tp x pp ranks. Inside a Ray Serve replica, pass its placement group:
+        the ranks then take bundles bundle_offset.. of it instead of a new group."""
         import ray
-        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.placement_group import placement_group as ray_placement_group
+        from ray.util.placement_group import remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.config = config
@@ -152,6 +158,9 @@ class RayExecutor:
         self._pending: list[list] = []
         self._busy = False
         self._closed = False
+        self._kv: list[list] = []
+        self._stats: dict = {}
+        self._own_pg = placement_group is None
         from kiln.workers.models.llama import validate_layout
 
         validate_layout(source.config, config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size)
@@ -162,12 +171,13 @@ class RayExecutor:
         world = pc.world_size
         gpus = config.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
         bundle = {"GPU": 1, "CPU": 1} if gpus else {"CPU": 0.01}
-        self._pg = placement_group([dict(bundle) for _ in range(world)],
-                                   strategy="STRICT_PACK" if pc.tensor_parallel_size > 1 else "PACK")
+        self._pg = placement_group or ray_placement_group(
+            [dict(bundle) for _ in range(world)], strategy="STRICT_PACK" if pc.tensor_parallel_size > 1 else "PACK")
         try:
             ray.get(self._pg.ready(), timeout=60)
         except Exception:
-            remove_placement_group(self._pg)
+            if self._own_pg:
+                remove_placement_group(self._pg)
             raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {world} ranks need {world} x "
                              f"{bundle} on {'one node' if pc.tensor_parallel_size > 1 else 'the cluster'}; "
                              f"the Ray cluster has {ray.available_resources()}") from None
@@ -181,7 +191,7 @@ class RayExecutor:
             actor.options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_concurrency=4,
                           runtime_env={"env_vars": env},
                           scheduling_strategy=PlacementGroupSchedulingStrategy(
-                              self._pg, placement_group_bundle_index=i)).remote(i, config.to_dict())
+                              self._pg, placement_group_bundle_index=bundle_offset + i)).remote(i, config.to_dict())
             for i in range(world)]
         try:
             init = ray.get(self.workers[0].rendezvous.remote(), timeout=120)
@@ -242,7 +252,18 @@ class RayExecutor:
         if errors:
             self._fail("; ".join(errors))
         self._busy = reply["busy"]
+        self._kv.extend(reply["kv"])
+        self._stats = reply["stats"]
         return [TokenEvent.unpack(r) for r in reply["events"]], [tuple(a) for a in reply["aborted"]]
+
+    @property
+    def last_stats(self) -> dict:
+        """The leader's stats as of the last step() (no extra call)."""
+        return self._stats
+
+    def take_kv_events(self) -> list[list]:
+        kv, self._kv = self._kv, []
+        return kv
 
     def stats(self) -> dict:
         import ray
@@ -291,7 +312,8 @@ class RayExecutor:
                 ray.kill(w)
             except Exception:
                 pass
-        try:
-            remove_placement_group(self._pg)
-        except Exception:
-            pass
+        if self._own_pg:
+            try:
+                remove_placement_group(self._pg)
+            except Exception:
+                pass
