@@ -65,6 +65,21 @@ class Tokenizer:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
 
     @classmethod
+    def synthetic(cls, vocab_size: int, eos_token_id: int | None = None) -> "Tokenizer":
+        """Made-up words "t0".."tN" for random-weight models: text in, text out, no meaning.
+
+        Lets speed work run the whole path (chat template, detokenization, HTTP)
+        on a model shape for which no tokenizer exists.
+        """
+        from tokenizers import models, pre_tokenizers
+
+        tk = HFTokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+        tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        eos = f"t{eos_token_id}" if eos_token_id is not None else None
+        template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+        return cls(tk, template, None, eos, [eos_token_id] if eos_token_id is not None else [])
+
+    @classmethod
     def from_hf_dir(cls, path: str) -> "Tokenizer":
         tk_file = os.path.join(path, "tokenizer.json")
         if not os.path.exists(tk_file):

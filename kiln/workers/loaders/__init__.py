@@ -50,7 +50,9 @@ def resolve_model(model: str | None, random_weights: bool = False) -> ModelSourc
     if random_weights:
         if model is None or model in presets.PRESETS:
             name = model or "smollm2-135m"
-            return ModelSource(name, name, dataclasses.replace(presets.PRESETS[name]), None, None)
+            cfg = dataclasses.replace(presets.PRESETS[name])
+            eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
+            return ModelSource(name, name, cfg, None, Tokenizer.synthetic(cfg.vocab_size, eos))
         if os.path.isdir(model):
             return ModelSource(model, model, hf.read_config(model), None, _maybe_tokenizer(model))
         raise ValueError(f"random_weights needs a preset ({', '.join(presets.PRESETS)}) or a model directory "
