@@ -1,0 +1,163 @@
+"""What the HTTP path costs per token: `kiln serve` vs `LLM.generate` on the same engine.
+
+    python benchmarks/http_overhead.py --model llama-3.1-8b --random-weights --name http-overhead-h100
+
+The same R requests (random token-id prompts of I tokens, O output tokens, EOS
+ignored) run twice: once through LLM.generate in-process, once through
+`kiln serve` (one replica: Ray Serve, the router, msgpack chunks, incremental
+detokenization, SSE) with the OpenAI client streaming. Mean TPOT is
+(last token - first token) / (tokens - 1) per request. Target: the HTTP path
+adds < 5% to mean TPOT.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def prompts(args) -> list[list[int]]:
+    import random
+
+    rng = random.Random(0)
+    return [[rng.randrange(100, 30000) for _ in range(args.input_len)] for _ in range(args.requests)]
+
+
+def engine_tpot(args) -> dict:
+    """In-process: every request's first and last token times, from the engine's step loop."""
+    from kiln import LLM, SamplingParams
+
+    llm = LLM(args.model, random_weights=args.random_weights, device=args.device,
+              max_model_len=args.max_model_len, kv_cache_bytes=args.kv_cache_bytes)
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0)
+    llm.generate(prompts(args)[:4], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    states = [llm._submit(None, p, params) for p in prompts(args)]
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    t0 = time.perf_counter()
+    while any(not s.finished for s in states):
+        for s in llm._step():
+            now = time.perf_counter()
+            first.setdefault(s.request_id, now)
+            last[s.request_id] = now
+    wall = time.perf_counter() - t0
+    tpots = [(last[s.request_id] - first[s.request_id]) / (args.output_len - 1) for s in states]
+    return {"mean_tpot_ms": statistics.mean(tpots) * 1e3, "wall_s": wall,
+            "output_tok_s": args.requests * args.output_len / wall}
+
+
+def http_tpot(args) -> dict:
+    import http.client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "kiln.cli", "serve", "--port", str(port), "--device", args.device,
+           "--max-model-len", str(args.max_model_len)]
+    cmd += ["--model", args.model] if args.model else []
+    cmd += ["--random-weights"] if args.random_weights else []
+    cmd += ["--kv-cache-bytes", str(args.kv_cache_bytes)] if args.kv_cache_bytes else []
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(900):
+            if proc.poll() is not None:
+                raise RuntimeError("kiln serve exited")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(1)
+        with urllib.request.urlopen(base + "/v1/models", timeout=30) as r:
+            model = json.loads(r.read())["data"][0]["id"]
+        tpots, lock = [], threading.Lock()
+
+        def one(p, record=True) -> None:
+            # Plain http.client + SSE parsing: the GPU machines have no openai package.
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
+            body = {"model": model, "prompt": p, "max_tokens": args.output_len if record else 4, "temperature": 0,
+                    "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+            conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            stamps, n = [], 0
+            for line in resp:
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0]["text"]:
+                    stamps.append(time.perf_counter())
+                if chunk.get("usage"):
+                    n = chunk["usage"]["completion_tokens"]
+            conn.close()
+            if record:
+                assert n == args.output_len, n
+                with lock:
+                    tpots.append((stamps[-1] - stamps[0]) / (args.output_len - 1))
+
+        one(prompts(args)[0], record=False)  # warm up
+        threads = [threading.Thread(target=one, args=(p,)) for p in prompts(args)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return {"mean_tpot_ms": statistics.mean(tpots) * 1e3, "wall_s": wall,
+            "output_tok_s": args.requests * args.output_len / wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", default="http-overhead")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--random-weights", action="store_true")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--kv-cache-bytes", type=int, default=None)
+    ap.add_argument("--part", choices=["engine", "http"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.part:
+        print("RESULT " + json.dumps(engine_tpot(args) if args.part == "engine" else http_tpot(args)), flush=True)
+        return
+    from benchmarks.common import write_result
+
+    figures = {}
+    for part in ("engine", "http"):  # separate processes: each gets the whole GPU
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--part", part] + sys.argv[1:],
+                             capture_output=True, text=True)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            raise SystemExit(f"{part} failed:\n{out.stderr[-3000:]}")
+        figures[part] = json.loads(line[7:])
+        print(part, figures[part], flush=True)
+    figures["tpot_overhead"] = figures["http"]["mean_tpot_ms"] / figures["engine"]["mean_tpot_ms"] - 1
+    print(f"HTTP path adds {figures['tpot_overhead'] * 100:.1f}% to mean TPOT (target < 5%)")
+    print("wrote", write_result(args.name, figures, model=args.model or "SmolLM2-135M-Instruct",
+                                workload={"requests": args.requests, "input_len": args.input_len,
+                                          "output_len": args.output_len}))
+
+
+if __name__ == "__main__":
+    main()
