@@ -145,7 +145,7 @@ class Engine:
             dummy.append(_DummyEntry(n, block_ids[pos:pos + nb]))
             pos += nb
         inputs = self._prepare(dummy, graph=False)
-        hidden = self._forward(inputs)
+        hidden, _ = self._forward(inputs)
         rows = hidden[:1].expand(min(sc.max_num_seqs, tokens), -1)
         torch.sort(self.model.compute_logits(rows), dim=-1, descending=True)  # the sampler's peak
         torch.cuda.synchronize()
