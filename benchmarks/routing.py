@@ -48,6 +48,9 @@ def make_workload(tokenizer, args) -> list[list[dict]]:
     for c in range(args.conversations):
         questions = [tokenizer.decode([rng.randrange(300, min(vocab, 30000)) for _ in range(args.question_tokens)])
                      for _ in range(args.turns)]
+        # The first turn brings a document of its own: the part only this conversation's replica can cache.
+        document = tokenizer.decode([rng.randrange(300, min(vocab, 30000)) for _ in range(args.document_tokens)])
+        questions[0] = document + "\n\n" + questions[0]
         convs.append({"system": systems[c % args.systems], "questions": questions})
     return convs
 
@@ -172,8 +175,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--policies", nargs="+", default=["kv", "least-loaded", "round-robin"])
-    ap.add_argument("--systems", type=int, default=3)
-    ap.add_argument("--system-tokens", type=int, default=320)
+    ap.add_argument("--systems", type=int, default=2)
+    ap.add_argument("--system-tokens", type=int, default=200)
+    ap.add_argument("--document-tokens", type=int, default=400)
     ap.add_argument("--conversations", type=int, default=12)
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--question-tokens", type=int, default=24)
@@ -203,7 +207,7 @@ def main() -> None:
         print(f"{p:14s} {f['hit_rate']:9.3f} {f['ideal_hit_rate']:7.3f} {f['ttft_p50_s']:9.3f} "
               f"{f['ttft_p99_s']:9.3f} {f['output_tok_s']:8.1f}")
     print("wrote", write_result(args.name, figures, workload={k: getattr(args, k) for k in (
-        "replicas", "systems", "system_tokens", "conversations", "turns", "question_tokens", "max_tokens",
+        "replicas", "systems", "system_tokens", "document_tokens", "conversations", "turns", "question_tokens", "max_tokens",
         "concurrency")}, model=args.model or "SmolLM2-135M-Instruct",
         targets={"kv_hit_rate_vs_ideal": 0.9, "round_robin_over_kv_mean_ttft": 1.5}))
 

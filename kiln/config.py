@@ -247,10 +247,11 @@ class RouterConfig:
     """How the central router picks a replica (see kiln/cluster/router.py)."""
 
     policy: str = "kv"
-    # score = prefix_weight * cached fraction - load_weight * queued / max_queued - kv_usage_weight * KV usage
+    # score = prefix_weight * cached fraction of the prompt
+    #         - load_weight * (queued - least queued) / mean queued - kv_usage_weight * KV usage
     prefix_weight: float = 1.0
-    load_weight: float = 2.0
-    kv_usage_weight: float = 0.5
+    load_weight: float = 0.5
+    kv_usage_weight: float = 0.2
     # Requests a replica may hold (running + waiting) before the router stops sending it more;
     # when every replica is full, new requests get HTTP 429.
     max_queued_per_replica: int = 256

@@ -3,8 +3,9 @@
 Replicas report which KV blocks they stored and evicted, by the same chained
 block hash their block manager uses. The router hashes each prompt the same
 way and counts, per replica, how many of its leading blocks that replica
-holds. A replica's score is that cached fraction against its queue and KV
-usage (weights in RouterConfig); cold prompts and ties go to the least loaded.
+holds. A replica's score is that cached fraction against its queue (relative
+to the other replicas') and KV usage, with the weights in RouterConfig; cold
+prompts and ties go to the least loaded.
 `least-loaded` and `round-robin` are there to compare against.
 
 Pure Python, no Ray: the Serve glue (deployment.py) asks `rank()`.
@@ -147,9 +148,15 @@ class Router:
         if not any(matched.values()):
             return by_load + full  # a cold prompt: balance load
 
+        # Load counts relative to the others: requests above the least-loaded replica, in units
+        # of the mean queue. A cached prefix saves one prefill; a long queue costs many.
+        floor = min(self.loads[r].inflight for r in open_)
+        mean = sum(self.loads[r].inflight for r in open_) / len(open_)
+
         def score(r: str) -> float:
             load = self.loads[r]
-            return (cfg.prefix_weight * matched[r] / len(hashes) - cfg.load_weight * load.inflight / cap
+            return (cfg.prefix_weight * matched[r] / len(hashes)
+                    - cfg.load_weight * (load.inflight - floor) / max(1.0, mean)
                     - cfg.kv_usage_weight * load.kv_usage)
 
         # Stable sort over the load order: equal scores fall back to the least loaded.

@@ -30,10 +30,12 @@ def test_kv_policy_prefers_cached_replica_until_it_is_loaded():
     h = hashes(list(range(160)))  # 10 blocks
     r.report("a", 0, [("stored", x, None) for x in h[:8]], {})
     assert r.rank(["a", "b"], h) == ["a", "b"]
-    for i in range(6):  # a is getting busy: 0.8 - 2 * 6/10 < 0
+    r.routed("r0", "a")  # 1 queued vs 0: 0.8 - 0.5 * 1/1 > 0, a still wins
+    assert r.rank(["a", "b"], h) == ["a", "b"]
+    for i in range(1, 4):  # 4 vs 0: 0.8 - 0.5 * 4/2 < 0, the idle replica wins
         r.routed(f"r{i}", "a")
     assert r.rank(["a", "b"], h) == ["b", "a"]
-    r.finished("r0"), r.finished("r1"), r.finished("r2")
+    r.finished("r1"), r.finished("r2"), r.finished("r3")
     assert r.rank(["a", "b"], h) == ["a", "b"]
 
 
