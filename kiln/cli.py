@@ -78,7 +78,8 @@ def _serve_config(args: argparse.Namespace):
     return ServeConfig(engine=_engine_config(args),
                        router=RouterConfig(policy=args.routing, max_queued_per_replica=args.max_queued),
                        num_replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-                       target_ongoing_requests=args.target_ongoing_requests, host=args.host, port=args.port,
+                       target_ongoing_requests=args.target_ongoing_requests, upscale_delay_s=args.upscale_delay,
+                       downscale_delay_s=args.downscale_delay, host=args.host, port=args.port,
                        api_key=args.api_key or os.environ.get("KILN_API_KEY"), model_name=args.served_model_name)
 
 
@@ -88,6 +89,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.model is None and args.model_pos is not None:
         args.model = args.model_pos
     serve_forever(_serve_config(args), detach=args.detach)
+    return 0
+
+
+def cmd_serve_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from kiln.cluster.job import serve_config_v2
+
+    if args.model is None and args.model_pos is not None:
+        args.model = args.model_pos
+    print(yaml.safe_dump(serve_config_v2(_serve_config(args)), sort_keys=False), end="")
     return 0
 
 
@@ -211,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound")
     g.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound")
     g.add_argument("--target-ongoing-requests", type=int, default=32, help="autoscaling target per replica")
+    g.add_argument("--upscale-delay", type=float, default=30.0, help="seconds over target before adding replicas")
+    g.add_argument("--downscale-delay", type=float, default=600.0, help="seconds under target before removing")
     g.add_argument("--routing", default="kv", choices=["kv", "least-loaded", "round-robin"])
     g.add_argument("--max-queued", type=int, default=256, help="requests per replica before HTTP 429")
     g.add_argument("--host", default="127.0.0.1")
@@ -220,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--detach", action="store_true", help="deploy and return, leaving the app running")
     _engine_args(sv)
     sv.set_defaults(func=cmd_serve)
+
+    sc = sub.add_parser("serve-config", help="print the Ray Serve config (KubeRay serveConfigV2) for `kiln serve` options",
+                        description="Print, as YAML, the Serve config that `kiln serve` with the same options "
+                                    "deploys: what a RayService's serveConfigV2 (or the Helm chart) runs.")
+    for a in sv._actions:
+        if a.dest not in ("help", "detach"):
+            sc._add_action(a)
+    sc.set_defaults(func=cmd_serve_config)
 
     sb = sub.add_parser("submit", help="run `kiln serve` on a Ray cluster as a Ray job",
                         description="Submit `kiln serve SERVE_ARGS...` to a running Ray cluster "

@@ -277,6 +277,9 @@ class ServeConfig:
     min_replicas: int | None = None
     max_replicas: int | None = None
     target_ongoing_requests: int = 32
+    # How long load must stay above / below target before replicas are added / removed.
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -286,6 +289,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         _positive("num_replicas", self.num_replicas)
         _positive("target_ongoing_requests", self.target_ongoing_requests)
+        _positive("upscale_delay_s", self.upscale_delay_s, allow_zero=True)
+        _positive("downscale_delay_s", self.downscale_delay_s, allow_zero=True)
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         lo = self.min_replicas if self.min_replicas is not None else self.num_replicas

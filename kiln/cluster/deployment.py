@@ -240,6 +240,8 @@ class KilnIngress:
 
     def __init__(self, replicas: DeploymentHandle, config: dict) -> None:
         cfg = ServeConfig.from_dict(config)
+        # On Kubernetes the key comes from a Secret through the environment, never the config.
+        cfg.api_key = cfg.api_key or os.environ.get("KILN_API_KEY") or None
         self.cfg = cfg
         source = resolve_model(cfg.engine.model, cfg.engine.random_weights)
         if source.tokenizer is None:
@@ -282,9 +284,21 @@ class KilnIngress:
             return False, {"replicas": {}}
         states = {k.value if hasattr(k, "value") else str(k): v for k, v in dep.replica_states.items()}
         running = states.get("RUNNING", 0)
+        # Ready when the configured replicas run; replicas that autoscaling is adding do not count
+        # (the deployment reports UPSCALING meanwhile, and the service keeps serving).
         want = self.cfg.min_replicas if self.cfg.autoscaling and self.cfg.min_replicas else self.cfg.num_replicas
-        ok = dep.status.value == "HEALTHY" and running >= max(1, want)
+        ok = dep.status.value not in ("UNHEALTHY", "DEPLOY_FAILED") and running >= max(1, want)
         return ok, {"replicas": states, "deployment": dep.status.value}
+
+
+def autoscaling_config(cfg: ServeConfig) -> AutoscalingConfig:
+    """Ray Serve replica autoscaling for `cfg` (replicas follow ongoing requests)."""
+    return AutoscalingConfig(
+        min_replicas=cfg.min_replicas if cfg.min_replicas is not None else cfg.num_replicas,
+        initial_replicas=cfg.num_replicas,
+        max_replicas=cfg.max_replicas or cfg.num_replicas,
+        target_ongoing_requests=cfg.target_ongoing_requests,
+        upscale_delay_s=cfg.upscale_delay_s, downscale_delay_s=cfg.downscale_delay_s)
 
 
 def _replica_options(cfg: ServeConfig) -> dict:
@@ -304,11 +318,7 @@ def _replica_options(cfg: ServeConfig) -> dict:
     else:
         opts["ray_actor_options"] = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": 0.01}
     if cfg.autoscaling:
-        opts["autoscaling_config"] = AutoscalingConfig(
-            min_replicas=cfg.min_replicas if cfg.min_replicas is not None else cfg.num_replicas,
-            initial_replicas=cfg.num_replicas,
-            max_replicas=cfg.max_replicas or cfg.num_replicas,
-            target_ongoing_requests=cfg.target_ongoing_requests)
+        opts["autoscaling_config"] = autoscaling_config(cfg)
     else:
         opts["num_replicas"] = cfg.num_replicas
     return opts

@@ -63,6 +63,18 @@ def _wait_ready(cfg: ServeConfig, timeout_s: float, stop: threading.Event) -> No
         raise RuntimeError(f"{cfg.app_name} was not ready after {timeout_s:.0f}s")
 
 
+def serve_config_v2(cfg: ServeConfig) -> dict:
+    """The Serve config (what KubeRay's RayService takes as serveConfigV2) that runs `cfg`.
+
+    The Helm chart renders the same structure from its values; a test checks the two agree.
+    """
+    args = cfg.to_dict()
+    args["api_key"] = None  # never in the config: the ingress reads KILN_API_KEY from a Secret
+    return {"proxy_location": "HeadOnly", "http_options": {"host": cfg.host, "port": cfg.port},
+            "applications": [{"name": cfg.app_name, "route_prefix": "/",
+                              "import_path": "kiln.cluster.deployment:app_builder", "args": args}]}
+
+
 def submit(address: str, serve_args: list[str], working_dir: str | None = None, wait: bool = False) -> str:
     """Submit `kiln serve SERVE_ARGS` as a Ray job on the cluster at `address`; return the job id."""
     from ray.job_submission import JobSubmissionClient
