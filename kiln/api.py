@@ -8,11 +8,12 @@
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import time
 from collections.abc import Iterator
 
-from kiln.config import CacheConfig, EngineConfig, ParallelConfig, SamplingParams, SchedulerConfig
+from kiln.config import CacheConfig, EngineConfig, ParallelConfig, QuantConfig, SamplingParams, SchedulerConfig
 from kiln.outputs import CompletionOutput, Logprob, RequestOutput, RequestState
 from kiln.tokenizer import Tokenizer
 from kiln.workers.executor import Executor
@@ -44,7 +45,13 @@ class LLM:
         device: str = "auto",
         seed: int = 0,
         collective_timeout_s: float = 120.0,
+        quant: str = "none",
+        kv_cache_dtype: str = "auto",
     ) -> None:
+        """`model`: None (the embedded SmolLM2), a GGUF file, an HF directory, an engine directory
+        from `kiln build`, or a preset name with random_weights=True. A checkpoint path is built
+        into an engine (quantized as asked) in ~/.cache/kiln/engines on first use and loaded from
+        there after; set KILN_ENGINE_CACHE=off to load checkpoints directly."""
         # A ModelSource (from kiln.workers.loaders.resolve_model) lets engines share one parsed checkpoint.
         source = model if isinstance(model, ModelSource) else None
         self.config = EngineConfig(
@@ -56,7 +63,10 @@ class LLM:
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       max_model_len=max_model_len or 0),
             parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size,
-                                    collective_timeout_s=collective_timeout_s))
+                                    collective_timeout_s=collective_timeout_s),
+            quant=QuantConfig(mode=quant, kv_cache_dtype=kv_cache_dtype))
+        if source is None and not random_weights:
+            source = self._engine_source(model)
         if self.config.parallel.world_size > 1:
             # One Ray actor per rank; this process keeps the tokenizer and drives them.
             from kiln.workers.worker import RayExecutor
@@ -68,6 +78,29 @@ class LLM:
             self.executor = Executor(self.config, source)
         self._ids = itertools.count()
         self._states: dict[str, RequestState] = {}
+
+    def _engine_source(self, model: str | None) -> ModelSource | None:
+        """Resolve `model`; build (or reuse) a cached engine for a checkpoint path."""
+        cfg = self.config
+        q = cfg.quant
+        wants_build = q.mode != "none" or q.kv_cache_dtype == "fp8" or cfg.parallel.world_size > 1
+        if model is None and not wants_build:
+            return None
+        source = resolve_model(model)
+        if source.engine is not None:
+            build = source.engine["build"]
+            if cfg.parallel.world_size == 1:  # an engine brings its layout along
+                cfg.parallel.tensor_parallel_size = build["tensor_parallel_size"]
+                cfg.parallel.pipeline_parallel_size = build["pipeline_parallel_size"]
+            cfg.model = source.path
+            return source
+        if os.environ.get("KILN_ENGINE_CACHE") == "off" and not wants_build:
+            return source
+        from kiln.workers.builder import cached_engine
+
+        path = cached_engine(cfg, source)
+        cfg.model = path
+        return resolve_model(path)
 
     @property
     def tokenizer(self) -> Tokenizer | None:
@@ -212,6 +245,15 @@ class LLM:
                                     o.cumulative_logprob) for o in out.outputs]
         return RequestOutput(out.request_id, out.prompt, out.prompt_token_ids, outputs, out.finished,
                              out.num_cached_tokens)
+
+    def perplexity(self, text: str) -> float:
+        """exp(mean negative log-likelihood) of `text` under the model (single-rank engines)."""
+        import math
+
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer")
+        lps = self.executor.score(self.tokenizer.encode(text))
+        return math.exp(-sum(lps) / len(lps))
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | list | None = None,
              use_tqdm: bool | None = None) -> list[RequestOutput]:

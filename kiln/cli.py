@@ -21,6 +21,8 @@ examples:
   kiln generate --chat --prompt "Write a haiku about kilns."
   kiln chat
   kiln serve --replicas 2 --port 8000          # OpenAI API at http://127.0.0.1:8000/v1
+  kiln build ./Llama-3.1-8B-Instruct -o engines/l8b-fp8 --quant fp8 --tp 2
+  kiln serve engines/l8b-fp8
   kiln generate --model ./Meta-Llama-3.1-8B-Instruct --prompt "Hello" --temperature 0.7
 """
 
@@ -43,6 +45,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     g.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1, help="tensor-parallel GPUs")
     g.add_argument("--pp", "--pipeline-parallel-size", dest="pp", type=int, default=1, help="pipeline stages")
+    g.add_argument("--quant", default="none", choices=["none", "fp8", "int8-wo", "int4-awq"],
+                   help="weight quantization (a checkpoint is built into a cached engine first)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="fp8: half the KV memory")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--verbose", "-v", action="store_true", help="log loading and memory details")
 
@@ -60,7 +65,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_config(args: argparse.Namespace):
-    from kiln.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+    from kiln.config import CacheConfig, EngineConfig, ParallelConfig, QuantConfig, SchedulerConfig
 
     return EngineConfig(
         model=args.model, random_weights=args.random_weights, dtype=args.dtype, device=args.device, seed=args.seed,
@@ -69,7 +74,8 @@ def _engine_config(args: argparse.Namespace):
                           kv_cache_bytes=args.kv_cache_bytes),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_model_len=args.max_model_len or 0),
-        parallel=ParallelConfig(args.tp, args.pp))
+        parallel=ParallelConfig(args.tp, args.pp),
+        quant=QuantConfig(mode=args.quant, kv_cache_dtype=args.kv_cache_dtype))
 
 
 def _serve_config(args: argparse.Namespace):
@@ -103,6 +109,20 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    from kiln.workers.builder import Builder
+
+    cfg = _engine_config(args)
+    cfg.model = args.checkpoint
+    if args.max_seq_len:
+        cfg.scheduler.max_model_len = args.max_seq_len
+    if args.max_batch_size:
+        cfg.scheduler.max_num_seqs = args.max_batch_size
+    Builder(cfg, verbose=True).build(args.output)
+    print(f"engine written to {args.output}; run it with: kiln serve {args.output}")
+    return 0
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from kiln.cluster.job import submit
 
@@ -119,7 +139,7 @@ def _make_llm(args: argparse.Namespace):
                max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                kv_cache_bytes=args.kv_cache_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
                enforce_eager=args.enforce_eager, tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp,
-               seed=args.seed)
+               seed=args.seed, quant=args.quant, kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _params(args: argparse.Namespace):
@@ -234,6 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--detach", action="store_true", help="deploy and return, leaving the app running")
     _engine_args(sv)
     sv.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("build", help="build an engine: fuse, quantize and split a checkpoint per rank",
+                       description="Read CHECKPOINT once (an HF directory, a GGUF file, or a preset with "
+                                   "--random-weights), fuse QKV and gate/up, quantize, split per rank (TP x PP) "
+                                   "and write ENGINE_DIR: engine.json plus one safetensors file per rank.")
+    b.add_argument("checkpoint", nargs="?", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    b.add_argument("-o", "--output", required=True, help="engine directory to write")
+    b.add_argument("--max-seq-len", type=int, default=None, help="context the engine is built for")
+    b.add_argument("--max-batch-size", type=int, default=None, help="most sequences per step")
+    _engine_args(b)
+    b.set_defaults(func=cmd_build)
 
     sc = sub.add_parser("serve-config", help="print the Ray Serve config (KubeRay serveConfigV2) for `kiln serve` options",
                         description="Print, as YAML, the Serve config that `kiln serve` with the same options "

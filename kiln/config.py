@@ -129,6 +129,28 @@ class ParallelConfig:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
+QUANT_MODES = ("none", "fp8", "int8-wo", "int4-awq")
+
+
+@dataclass
+class QuantConfig:
+    """How weights and the KV cache are stored (see kiln/kernels/quant.py)."""
+
+    mode: str = "none"  # none | fp8 | int8-wo | int4-awq
+    kv_cache_dtype: str = "auto"  # auto: the model dtype; fp8: e4m3 with per-layer scales
+    group_size: int = 128  # int4-awq
+    calibration_tokens: int = 2048  # AWQ and FP8-KV scales are measured on this much built-in text
+
+    def __post_init__(self) -> None:
+        if self.mode not in QUANT_MODES:
+            raise ValueError(f"quant must be one of {', '.join(QUANT_MODES)}; got {self.mode!r}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be auto or fp8; got {self.kv_cache_dtype!r}")
+        if self.group_size not in (32, 64, 128):
+            raise ValueError(f"group_size must be 32, 64 or 128; got {self.group_size}")
+        _positive("calibration_tokens", self.calibration_tokens)
+
+
 @dataclass
 class EngineConfig:
     """Everything an Executor needs: what to load, on what, with which limits."""
@@ -143,6 +165,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
@@ -155,7 +178,7 @@ class EngineConfig:
     def from_dict(cls, d: dict) -> "EngineConfig":
         d = dict(d)
         return cls(cache=CacheConfig(**d.pop("cache")), scheduler=SchedulerConfig(**d.pop("scheduler")),
-                   parallel=ParallelConfig(**d.pop("parallel")), **d)
+                   parallel=ParallelConfig(**d.pop("parallel")), quant=QuantConfig(**d.pop("quant", {})), **d)
 
 
 @dataclass

@@ -105,7 +105,7 @@ class Tokenizer:
             v = cfg.get(key)
             return v.get("content") if isinstance(v, dict) else v
 
-        eos_ids = []
+        eos_ids = list(cfg.get("eos_token_ids") or [])  # kiln's engine directories record them here
         gen_file = os.path.join(path, "generation_config.json")
         if os.path.exists(gen_file):
             with open(gen_file) as f:

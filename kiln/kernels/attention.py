@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels import backend
+from kiln.kernels.quant import from_kv_cache, to_kv_cache
 
 
 @dataclass
@@ -35,10 +36,13 @@ class AttentionMetadata:
 
 
 def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
+                 slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     nb, bs, h, d = k_cache.shape
-    k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    for cache, x, scale in ((k_cache, k, k_scale), (v_cache, v, v_scale)):
+        vals = to_kv_cache(x, cache.dtype, scale)
+        if cache.element_size() == 1:  # fp8: index_copy_ has no fp8 kernel on every device; bytes are bytes
+            cache, vals = cache.view(torch.uint8), vals.view(torch.uint8)
+        cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, vals)
 
 
 @dataclass
@@ -82,25 +86,34 @@ def _plan_group(meta: AttentionMetadata, first: int, last: int, block_size: int)
     return group
 
 
-def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: _Group, scale: float) -> torch.Tensor:
+def _select(cache: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    if cache.element_size() == 1:  # fp8 through a byte view (no fp8 index_select everywhere)
+        return cache.view(torch.uint8).index_select(0, ids).view(cache.dtype)
+    return cache.index_select(0, ids)
+
+
+def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: _Group, scale: float,
+            k_scale: float, v_scale: float) -> torch.Tensor:
     _, bs, h, d = k_cache.shape
     Hq = q.shape[1]
     # index_select is several times faster than advanced indexing on CPU.
-    k = k_cache.index_select(0, g.block_ids).view(g.B, -1, h, d)[:, :g.max_kv]
-    v = v_cache.index_select(0, g.block_ids).view(g.B, -1, h, d)[:, :g.max_kv]
+    k = _select(k_cache, g.block_ids).view(g.B, -1, h, d)[:, :g.max_kv]
+    v = _select(v_cache, g.block_ids).view(g.B, -1, h, d)[:, :g.max_kv]
     if g.max_q == 1:
         qp = q.view(g.B, 1, Hq, d)
     else:
         qp = q.new_zeros(g.B, g.max_q, Hq, d)
         qp[g.seq_idx, g.row_in_seq] = q
     out = F.scaled_dot_product_attention(
-        qp.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
+        qp.transpose(1, 2), from_kv_cache(k, q.dtype, k_scale).transpose(1, 2),
+        from_kv_cache(v, q.dtype, v_scale).transpose(1, 2),
         attn_mask=g.mask, scale=scale, enable_gqa=Hq != h).transpose(1, 2)
     return out.reshape(g.B, Hq, d) if g.max_q == 1 else out[g.seq_idx, g.row_in_seq]
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                        meta: AttentionMetadata, scale: float, k_scale: float = 1.0,
+                        v_scale: float = 1.0) -> torch.Tensor:
     """Causal attention of each new token to its sequence's cached tokens.
 
     The cache must already hold this step's K/V. Decodes and prefills are
@@ -116,13 +129,14 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
             ([_plan_group(meta, nd, B, bs)] if nd < B else [])
     out = torch.empty_like(q)
     for g in plan:
-        out[g.rows] = _attend(q[g.rows], k_cache, v_cache, g, scale)
+        out[g.rows] = _attend(q[g.rows], k_cache, v_cache, g, scale, k_scale, v_scale)
     return out
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+    """k_scale / v_scale: an FP8 cache holds K / k_scale and V / v_scale."""
     if backend.use_triton(q):
         from kiln.kernels import attention_triton
-        return attention_triton.paged_attention(q, k_cache, v_cache, meta, scale)
-    return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+        return attention_triton.paged_attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale)
+    return paged_attention_ref(q, k_cache, v_cache, meta, scale, k_scale, v_scale)

@@ -39,7 +39,7 @@ def _num_sms(device_index: int) -> int:
 
 @triton.jit
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
-                   q_stride, bt_stride, tok_stride, block_stride, out_stride, num_splits, scale_log2,
+                   q_stride, bt_stride, tok_stride, block_stride, out_stride, num_splits, scale_log2, out_scale,
                    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                    PAGE: tl.constexpr, DIRECT: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -64,18 +64,18 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, out_ptr, mid_o_ptr, 
         mask_n = offs < end
         page = tl.load(bt_ptr + b * bt_stride + offs // PAGE, mask=mask_n, other=0).to(tl.int64)
         row = page * block_stride + (offs % PAGE) * tok_stride
-        k = tl.load(kc_ptr + row[:, None] + kv_off, mask=mask_n[:, None], other=0.0)
+        k = tl.load(kc_ptr + row[:, None] + kv_off, mask=mask_n[:, None], other=0.0).to(q.dtype)
         qk = tl.dot(q, tl.trans(k)) * scale_log2
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
-        v = tl.load(vc_ptr + row[:, None] + kv_off, mask=mask_n[:, None], other=0.0)
+        v = tl.load(vc_ptr + row[:, None] + kv_off, mask=mask_n[:, None], other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
     safe_l = tl.where(l_i > 0, l_i, 1.0)
-    o = acc / safe_l[:, None]
+    o = acc * (out_scale / safe_l)[:, None]
     if DIRECT:
         tl.store(out_ptr + b * out_stride + heads[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=mask_g[:, None])
@@ -118,7 +118,7 @@ def _prefill_tiles(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, lo, hi, q_pos, seq_
         else:
             page = tl.load(bt_row + offs_n // PAGE).to(tl.int64)
         krow = page * block_stride + (offs_n % PAGE) * tok_stride
-        k = tl.load(kc_ptr + krow[:, None] + kv_off)
+        k = tl.load(kc_ptr + krow[:, None] + kv_off).to(q.dtype)
         qk = tl.dot(q, tl.trans(k))
         if MASKED:
             qk = tl.where((offs_n[None, :] <= q_pos[:, None]) & in_seq[None, :], qk, float("-inf"))
@@ -129,7 +129,7 @@ def _prefill_tiles(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, lo, hi, q_pos, seq_
             m_safe = m_new
         p = tl.math.exp2(qk * scale_log2 - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
-        v = tl.load(vc_ptr + krow[:, None] + kv_off)
+        v = tl.load(vc_ptr + krow[:, None] + kv_off).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
@@ -138,7 +138,7 @@ def _prefill_tiles(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, lo, hi, q_pos, seq_
 
 @triton.jit
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, lens_ptr, cu_tiles_ptr, out_ptr,
-                    num_seqs, q_stride, out_stride, bt_stride, tok_stride, block_stride, scale_log2,
+                    num_seqs, q_stride, out_stride, bt_stride, tok_stride, block_stride, scale_log2, out_scale,
                     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     PAGE: tl.constexpr):
     h = tl.program_id(0)  # heads vary fastest: the G heads of one KV head run together and share K/V in L2
@@ -180,7 +180,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, lens_ptr, cu_tiles_p
                                    kv_off, tok_stride, block_stride, scale_log2, BLOCK_N, PAGE, False)
     acc, l_i, m_i = _prefill_tiles(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, full, last, ctx + offs_m, seq_len,
                                    kv_off, tok_stride, block_stride, scale_log2, BLOCK_N, PAGE, True)
-    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o = acc * (out_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
     tl.store(out_ptr + rows[:, None] * out_stride + h * D + d[None, :], o.to(out_ptr.dtype.element_ty),
              mask=mask_m[:, None])
 
@@ -193,7 +193,10 @@ def decode_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 seq_lens: torch.Tensor, max_seq_len: int, scale: float, out: torch.Tensor) -> None:
+                 seq_lens: torch.Tensor, max_seq_len: int, scale: float, out: torch.Tensor,
+                 k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """An FP8 cache holds K / k_scale and V / v_scale: the scales fold into the softmax scale
+    and the output, so the inner loop only widens the loaded bytes."""
     B, HQ, D = q.shape
     _, page, HKV, _ = k_cache.shape
     G = HQ // HKV
@@ -203,19 +206,19 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     args = (q.stride(0), block_tables.stride(0), k_cache.stride(1), k_cache.stride(0), out.stride(0))
     if splits == 1:
         _decode_kernel[(B, HKV, 1)](q, k_cache, v_cache, block_tables, seq_lens, out, out, out, *args, 1,
-                                    scale * _LOG2E, DIRECT=True, **common)
+                                    scale * k_scale * _LOG2E, v_scale, DIRECT=True, **common)
         return
     mid_o = torch.empty(B, HQ, splits, D, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(B, HQ, splits, dtype=torch.float32, device=q.device)
     _decode_kernel[(B, HKV, splits)](q, k_cache, v_cache, block_tables, seq_lens, out, mid_o, mid_lse, *args,
-                                     splits, scale * _LOG2E, DIRECT=False, **common)
+                                     splits, scale * k_scale * _LOG2E, v_scale, DIRECT=False, **common)
     _decode_reduce_kernel[(B, HQ)](mid_o, mid_lse, out, out.stride(0), splits, D=D,
                                    BLOCK_S=triton.next_power_of_2(splits), num_warps=4)
 
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                   query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float, out: torch.Tensor,
-                  max_query_len: int | None = None) -> None:
+                  max_query_len: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     T, HQ, D = q.shape
     _, page, HKV, _ = k_cache.shape
     B = seq_lens.shape[0]
@@ -230,20 +233,20 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     grid = (HQ, triton.cdiv(T, block_m) + B)  # an upper bound on the tiles; spare programs exit at once
     _prefill_kernel[grid](q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, cu_tiles, out, B,
                           q.stride(0), out.stride(0), block_tables.stride(0), k_cache.stride(1),
-                          k_cache.stride(0), scale * _LOG2E, G=HQ // HKV, D=D, PAGE=page, **cfg)
+                          k_cache.stride(0), scale * k_scale * _LOG2E, v_scale, G=HQ // HKV, D=D, PAGE=page, **cfg)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float) -> torch.Tensor:
+                    scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Same contract as `kiln.kernels.attention.paged_attention_ref`."""
     out = torch.empty_like(q)
     nd, B = meta.num_decodes, meta.num_seqs
     if nd:
         paged_decode(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], meta.max_seq_len,
-                     scale, out[:nd])
+                     scale, out[:nd], k_scale, v_scale)
     if nd < B:
         qsl = meta.query_start_loc[nd:]
         # Prefill rows start after the nd decode rows; rebase the offsets to index q[nd:].
         paged_prefill(q[nd:], k_cache, v_cache, meta.block_tables[nd:], qsl - nd, meta.seq_lens[nd:], scale,
-                      out[nd:], meta.max_query_len)
+                      out[nd:], meta.max_query_len, k_scale, v_scale)
     return out

@@ -58,7 +58,7 @@ def apply_rope_ref(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tens
 
 def rope_and_cache_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                        cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       slot_mapping: torch.Tensor) -> None:
+                       slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     hq, hk = q.shape[1], k.shape[1]
     if q.stride() == k.stride() and k.data_ptr() == q.data_ptr() + hq * q.stride(1) * q.element_size():
         # q and k are neighbours in the fused QKV output: rotate them as one tensor.
@@ -67,14 +67,16 @@ def rope_and_cache_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
     else:
         q.copy_(apply_rope_ref(q, positions, cos_sin))
         k.copy_(apply_rope_ref(k, positions, cos_sin))
-    write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+    write_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                    cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
-    """Rotate q [T, Hq, D] and k [T, Hkv, D] in place; write k, v into the cache."""
+                   slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] in place; write k, v into the cache
+    (divided by k_scale / v_scale when the cache is FP8)."""
     if backend.use_triton(q):
         from kiln.kernels import rope_triton
-        return rope_triton.rope_and_cache(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
-    return rope_and_cache_ref(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
+        return rope_triton.rope_and_cache(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping,
+                                          k_scale, v_scale)
+    return rope_and_cache_ref(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, k_scale, v_scale)

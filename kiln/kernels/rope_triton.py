@@ -13,8 +13,8 @@ import triton.language as tl
 
 @triton.jit
 def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr,
-                       q_stride, k_stride, v_stride, cs_stride, cache_slot_stride,
-                       HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
+                       q_stride, k_stride, v_stride, cs_stride, cache_slot_stride, inv_k_scale, inv_v_scale,
+                       KV_FP8: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
                        BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t)
@@ -43,16 +43,25 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slo
     slot = tl.load(slot_ptr + t)
     if slot >= 0:
         c = slot * cache_slot_stride + hk * (2 * HALF) + d[None, :]
-        tl.store(kc_ptr + c, r1.to(kc_ptr.dtype.element_ty), mask=mk)
-        tl.store(kc_ptr + c + HALF, r2.to(kc_ptr.dtype.element_ty), mask=mk)
         v1p = v_ptr + t * v_stride + hk * (2 * HALF) + d[None, :]
-        tl.store(vc_ptr + c, tl.load(v1p, mask=mk, other=0.0).to(vc_ptr.dtype.element_ty), mask=mk)
-        tl.store(vc_ptr + c + HALF, tl.load(v1p + HALF, mask=mk, other=0.0).to(vc_ptr.dtype.element_ty), mask=mk)
+        v1 = tl.load(v1p, mask=mk, other=0.0).to(tl.float32)
+        v2 = tl.load(v1p + HALF, mask=mk, other=0.0).to(tl.float32)
+        if KV_FP8:  # the rotated (rounded) key, scaled into e4m3's range
+            k1s = tl.clamp(r1.to(tl.float32) * inv_k_scale, -448.0, 448.0)
+            k2s = tl.clamp(r2.to(tl.float32) * inv_k_scale, -448.0, 448.0)
+            v1 = tl.clamp(v1 * inv_v_scale, -448.0, 448.0)
+            v2 = tl.clamp(v2 * inv_v_scale, -448.0, 448.0)
+        else:
+            k1s, k2s = r1, r2
+        tl.store(kc_ptr + c, k1s.to(kc_ptr.dtype.element_ty), mask=mk)
+        tl.store(kc_ptr + c + HALF, k2s.to(kc_ptr.dtype.element_ty), mask=mk)
+        tl.store(vc_ptr + c, v1.to(vc_ptr.dtype.element_ty), mask=mk)
+        tl.store(vc_ptr + c + HALF, v2.to(vc_ptr.dtype.element_ty), mask=mk)
 
 
 def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                    cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+                   slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     T, HQ, D = q.shape
     HKV = k.shape[1]
     if T == 0:
@@ -62,5 +71,5 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     _rope_cache_kernel[(T,)](q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping,
                              q.stride(0), k.stride(0), v.stride(0), cos_sin.stride(0), HKV * D,
-                             HQ=HQ, HKV=HKV, HALF=D // 2, BLOCK_HQ=triton.next_power_of_2(HQ),
+                             1.0 / k_scale, 1.0 / v_scale, KV_FP8=k_cache.dtype == torch.float8_e4m3fn, HQ=HQ, HKV=HKV, HALF=D // 2, BLOCK_HQ=triton.next_power_of_2(HQ),
                              BLOCK_HKV=triton.next_power_of_2(HKV), num_warps=4)

@@ -6,6 +6,7 @@ once; decode-only steps on CUDA replay a captured graph.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -72,12 +73,39 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         t0 = time.perf_counter()
-        with torch.device(self.device):
-            self.model = LlamaForCausalLM(mc, self.ctx, self.dtype, self.device, self.max_model_len)
-        if source.weights is None:
+        quant = config.quant
+        if source.engine is not None:  # a built engine: this rank's file, straight onto the device
+            from kiln.workers.builder import check_engine, load_engine_model
+
+            check_engine(source.engine, source.path, self.device, self.ctx.tp_size, self.ctx.pp_size)
+            self.model, quant, self.dtype = load_engine_model(source.engine, source.path, self.ctx, self.device,
+                                                              self.max_model_len)
+        elif source.weights is None:  # random weights, drawn directly in the quantized format
+            if quant.mode == "fp8":
+                from kiln.kernels.quant import check_fp8_supported
+                check_fp8_supported(self.device)
+            with torch.device(self.device):
+                self.model = LlamaForCausalLM(mc, self.ctx, self.dtype, self.device, self.max_model_len,
+                                              quant.mode, quant.group_size)
             self.model.init_random(config.seed)
         else:
+            with torch.device(self.device):
+                self.model = LlamaForCausalLM(mc, self.ctx, self.dtype, self.device, self.max_model_len)
             self.model.load_weights(source.weights())
+            if quant.mode != "none" or quant.kv_cache_dtype == "fp8":
+                if self.ctx.world_size > 1:
+                    raise ValueError("quantizing a checkpoint needs a build: kiln build CHECKPOINT -o DIR "
+                                     "--quant ... (LLM(checkpoint, quant=...) does this for you)")
+                from kiln.workers.quantize import calibration_tokens, quantize_model
+
+                if quant.mode == "int4-awq" and source.quant_block and source.quant_block < quant.group_size:
+                    quant = dataclasses.replace(quant, group_size=source.quant_block)
+                tokens = calibration_tokens(source.tokenizer, mc.vocab_size, quant.calibration_tokens, True)
+                group = quantize_model(self.model, quant.mode, quant.kv_cache_dtype == "fp8", quant.group_size,
+                                       tokens, self.dtype, self.device)
+                quant = dataclasses.replace(quant, group_size=group)
+        self.quant = quant
+        self.kv_dtype = torch.float8_e4m3fn if quant.kv_cache_dtype == "fp8" else self.dtype
         self.model.eval()
         if self.device.type == "cpu":
             for m in self.model.modules():
@@ -102,13 +130,13 @@ class Engine:
 
     def block_bytes(self) -> int:
         layers = len(self.model.layers)
-        return 2 * layers * self.block_size * self.num_kv_heads * self.model_config.head_dim * self.dtype.itemsize
+        return 2 * layers * self.block_size * self.num_kv_heads * self.model_config.head_dim * self.kv_dtype.itemsize
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_cache = None
         shape = (len(self.model.layers), 2, num_blocks, self.block_size, self.num_kv_heads,
                  self.model_config.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
 
     def _num_blocks(self) -> int:

@@ -237,6 +237,32 @@ class Executor:
                 self.sampler.release(seq.seq_id)
         return events
 
+    def score(self, token_ids: list[int]) -> list[float]:
+        """log p(token_i | tokens before it) for i >= 1, in one prefill (for perplexity).
+
+        Runs between steps on this rank's engine; not for multi-rank replicas.
+        """
+        if self.ctx.world_size > 1:
+            raise ValueError("score() runs on a single-rank engine")
+        if len(token_ids) < 2 or len(token_ids) > self.max_model_len:
+            raise ValueError(f"score() needs 2..{self.max_model_len} tokens, got {len(token_ids)}")
+        seq = Sequence(-1, "__score__", token_ids, SamplingParams(), [], self.max_model_len)
+        if not self.block_manager.allocate(seq, len(token_ids)):
+            raise ValueError("not enough free KV blocks to score this text now")
+        try:
+            from kiln.scheduler.scheduler import ScheduledSeq
+
+            entry = ScheduledSeq(seq, len(token_ids), True)
+            inputs = self.engine.prepare([entry])
+            hidden, _ = self.engine.forward(inputs)
+            with torch.inference_mode():
+                logits = self.engine.model.compute_logits(hidden[:-1])
+                lp = torch.log_softmax(logits, dim=-1)
+                target = torch.tensor(token_ids[1:], device=lp.device)
+                return lp.gather(1, target[:, None])[:, 0].tolist()
+        finally:
+            self.block_manager.free(seq)
+
     @property
     def last_stats(self) -> dict:
         return self.stats()

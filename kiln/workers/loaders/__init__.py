@@ -26,6 +26,8 @@ class ModelSource:
     # None for random weights; else yields (HF tensor name, tensor or lazy slice).
     weights: Callable[[], Iterator[tuple[str, object]]] | None
     tokenizer: Tokenizer | None
+    engine: dict | None = None  # engine.json of a built engine directory (kiln build)
+    quant_block: int | None = None  # the checkpoint's own quantization block along K (GGUF Q4/Q5/Q8: 32)
 
 
 def embedded_model_path() -> str:
@@ -67,7 +69,16 @@ def resolve_model(model: str | None, random_weights: bool = False) -> ModelSourc
         from kiln.workers.loaders.gguf import GGUFFile
 
         g = GGUFFile(path)
-        return ModelSource(g.config.name, path, g.config, g.weights, g.tokenizer())
+        return ModelSource(g.config.name, path, g.config, g.weights, g.tokenizer(), quant_block=g.quant_block)
+    if os.path.exists(os.path.join(path, "engine.json")):
+        from kiln.config import ModelConfig
+        from kiln.workers.builder import read_engine
+
+        meta = read_engine(path)
+        cfg = ModelConfig(**meta["model"])
+        return ModelSource(cfg.name, path, cfg, None, _maybe_tokenizer(path) or (
+            Tokenizer.synthetic(cfg.vocab_size, cfg.eos_token_ids[0] if cfg.eos_token_ids else None)
+            if meta.get("random_weights") else None), engine=meta)
     if not os.path.exists(os.path.join(path, "config.json")):
         raise ValueError(f"model directory {path!r} has no config.json")
     cfg = hf.read_config(path)

@@ -71,6 +71,8 @@ class GGUFFile:
                              f"{', '.join(ARCHITECTURES)}")
         self.arch = arch
         self.config = self._config()
+        block_quants = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
+        self.quant_block = 32 if any(t.tensor_type.name in block_quants for t in self.reader.tensors) else None
 
     def get(self, key: str, default=None):
         field = self.reader.fields.get(key)

@@ -57,7 +57,8 @@ def validate_layout(cfg: ModelConfig, tp: int, pp: int) -> None:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device: torch.device,
+                 quant: str = "none", group: int = 128) -> None:
         super().__init__()
         d = cfg.head_dim
         kv_start, self.num_kv_heads, q_start, self.num_heads = head_split(
@@ -68,10 +69,18 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = MergedColumnLinear(
             cfg.hidden_size,
             [("q", q_start * d, q_rows), ("k", kv_start * d, kv_rows), ("v", kv_start * d, kv_rows)],
-            cfg.attention_bias, dtype, device)
+            cfg.attention_bias, dtype, device, quant, group)
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, ctx, dtype, device,
-                                        shard=(q_start * d, q_rows))
+                                        shard=(q_start * d, q_rows), quant=quant, group=group)
         self.sizes = [q_rows, kv_rows, kv_rows]
+        # Scales of K and V in an FP8 KV cache (stored value = x / scale); saved with the engine.
+        self.register_buffer("kv_scale", torch.ones(2, dtype=torch.float32, device=device))
+        self.k_scale = self.v_scale = 1.0
+
+    def sync_kv_scales(self) -> None:
+        """Cache the scales as Python floats: kernels take them as arguments, and reading a
+        GPU tensor on every step would stall the host."""
+        self.k_scale, self.v_scale = (float(x) for x in self.kv_scale.tolist())
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
@@ -81,29 +90,32 @@ class LlamaAttention(nn.Module):
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
-        rope_and_cache(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, meta, self.scale)
+        rope_and_cache(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+        out = paged_attention(q, k_cache, v_cache, meta, self.scale, self.k_scale, self.v_scale)
         return self.o_proj(out.view(T, -1))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device: torch.device,
+                 quant: str = "none", group: int = 128) -> None:
         super().__init__()
         start, n = ctx.shard(cfg.intermediate_size)
         self.gate_up_proj = MergedColumnLinear(cfg.hidden_size, [("gate", start, n), ("up", start, n)],
-                                               False, dtype, device)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, ctx, dtype, device)
+                                               False, dtype, device, quant, group)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, ctx, dtype, device,
+                                           quant=quant, group=group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device: torch.device,
+                 quant: str = "none", group: int = 128) -> None:
         super().__init__()
         self.eps = cfg.rms_norm_eps
-        self.self_attn = LlamaAttention(cfg, ctx, dtype, device)
-        self.mlp = LlamaMLP(cfg, ctx, dtype, device)
+        self.self_attn = LlamaAttention(cfg, ctx, dtype, device, quant, group)
+        self.mlp = LlamaMLP(cfg, ctx, dtype, device, quant, group)
         self.input_layernorm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype, device=device),
                                             requires_grad=False)
         self.post_attention_layernorm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype, device=device),
@@ -126,7 +138,9 @@ class LlamaForCausalLM(nn.Module):
     """One pipeline stage's share of the model (all of it when pp=1)."""
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device: torch.device,
-                 max_positions: int) -> None:
+                 max_positions: int, quant: str = "none", group: int = 128) -> None:
+        """`quant` other than none allocates quantized weights (to load an engine file or fill
+        with random values); a dense model is quantized later with `quantize_linears`."""
         super().__init__()
         if cfg.architecture not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {cfg.architecture!r}; kiln supports "
@@ -135,7 +149,7 @@ class LlamaForCausalLM(nn.Module):
         self.start_layer, self.end_layer = layer_range(cfg.num_hidden_layers, ctx.pp_rank, ctx.pp_size)
         self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx, dtype, device)
                              if ctx.is_first_stage else None)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, ctx, dtype, device)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, ctx, dtype, device, quant, group)
                                     for _ in range(self.start_layer, self.end_layer))
         self.norm = self.lm_head = None
         if ctx.is_last_stage:
@@ -214,10 +228,35 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.no_grad()
     def init_random(self, seed: int) -> None:
-        """Random weights of the right shape, for speed work: same cost, meaningless text."""
+        """Random weights of the right shape, for speed work: same cost, meaningless text.
+
+        Quantized weights get random codes with scales that dequantize to about N(0, 0.02^2).
+        """
         gen = torch.Generator(device=self.cos_sin.device).manual_seed(seed)
         for name, p in self.named_parameters():
             if p.dim() == 1 and "bias" not in name:
                 p.fill_(1.0)  # norm weights
             else:
                 p.normal_(0.0, 0.02, generator=gen)
+        for m in self.modules():
+            q = getattr(m, "qweight", None)
+            if q is None:
+                continue
+            if m.quant == "fp8":
+                q.copy_(torch.randn(q.shape, generator=gen, device=q.device).to(q.dtype))
+                m.scales.fill_(0.02)
+            elif m.quant == "int8-wo":
+                q.copy_(torch.randint(-127, 128, q.shape, generator=gen, device=q.device, dtype=torch.int8))
+                m.scales.fill_(0.02 / 73)
+            else:
+                q.copy_(torch.randint(-2**31, 2**31 - 1, q.shape, generator=gen, device=q.device, dtype=torch.int32))
+                m.scales.fill_(0.02 / 4.6)
+                m.mins.fill_(-0.02 * 7.5 / 4.6)
+
+    def linears(self) -> list[tuple[str, nn.Module]]:
+        return [(n, m) for n, m in self.named_modules() if hasattr(m, "quantize_") and n.split(".")[-1] in
+                ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")]
+
+    def sync_kv_scales(self) -> None:
+        for layer in self.layers:
+            layer.self_attn.sync_kv_scales()

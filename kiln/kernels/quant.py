@@ -1,0 +1,151 @@
+"""Weight (and activation) quantization: formats, torch references, dispatch.
+
+Every format quantizes rows (output channels) independently, so a tensor-
+parallel shard of rows quantizes to the same bytes as the rows of the whole.
+
+- fp8      W8A8: e4m3 weights with a scale per output channel; activations
+           quantized per token at run time; GEMM by torch._scaled_mm (Hopper).
+- int8-wo  int8 weights, scale per output channel; activations stay bf16.
+- int4-awq 4-bit codes in groups of 128 along K, w = code * scale + min with an fp16
+           scale and min per group (asymmetric; GGUF's Q4_1 layout, so a Q4_1
+           checkpoint re-quantizes exactly at group 32), 8 codes packed per
+           int32; AWQ's activation-aware scaling is applied by the builder first.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kiln.kernels import backend
+
+QUANT_MODES = ("none", "fp8", "int8-wo", "int4-awq")
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+INT4_GROUP = 128
+
+
+# -- fp8 ---------------------------------------------------------------------------
+
+def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] -> (e4m3 codes [N, K], fp32 scale [N])."""
+    scale = (w.float().abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
+    q = (w.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
+
+
+def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = (x.float().abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def fp8_linear_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    xq, xs = quantize_fp8_per_token(x)
+    y = F.linear(xq.float() * xs, q.float() * scale[:, None])
+    return (y + bias.float() if bias is not None else y).to(x.dtype)
+
+
+def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if not x.is_cuda:
+        return fp8_linear_ref(x, q, scale, bias)
+    xq, xs = quantize_fp8_per_token(x)
+    y = torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=scale[None, :], out_dtype=x.dtype)
+    return y + bias if bias is not None else y
+
+
+def check_fp8_supported(device: torch.device) -> None:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise ValueError(f"quant 'fp8' needs a GPU with FP8 tensor cores (compute capability >= 8.9, e.g. "
+                             f"H100, L4, RTX 4090); {torch.cuda.get_device_name(device)} is {major}.{minor}. "
+                             "Use --quant int8-wo or int4-awq")
+
+
+# -- int8 weight-only --------------------------------------------------------------
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = (w.float().abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def int8_linear_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+    return y + bias if bias is not None else y
+
+
+# -- int4, group-wise asymmetric -----------------------------------------------------
+
+def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, K] -> (packed int32 [N, K/8], scales [N, K/group] fp16, mins [N, K/group] fp16)."""
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"int4 quantization needs K ({k}) to be a multiple of the group size ({group})")
+    g = w.float().view(n, k // group, group)
+    lo = g.amin(dim=2).to(torch.float16)
+    scale = ((g.amax(dim=2) - lo.float()) / 15.0).clamp(min=1e-8).to(torch.float16)
+    codes = torch.round((g - lo.float()[..., None]) / scale.float()[..., None]).clamp(0, 15)
+    return pack_int4(codes.to(torch.int32).view(n, k)), scale, lo
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    n, k = codes.shape
+    c = codes.view(n, k // 8, 8).to(torch.int32)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=codes.device)
+    return (c << shifts).sum(dim=2, dtype=torch.int32)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    n, k8 = packed.shape
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    return ((packed[:, :, None] >> shifts) & 0xF).view(n, k8 * 8)
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, dtype: torch.dtype,
+                    group: int | None = None) -> torch.Tensor:
+    codes = unpack_int4(packed).float()
+    n, k = codes.shape
+    group = group or k // scales.shape[1]
+    s = scales.float().repeat_interleave(group, dim=1)
+    m = mins.float().repeat_interleave(group, dim=1)
+    return (codes * s + m).to(dtype)
+
+
+def int4_linear_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, dequantize_int4(packed, scales, mins, x.dtype), bias)
+
+
+# -- dispatch ------------------------------------------------------------------------
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if backend.use_triton(x):
+        from kiln.kernels import quant_triton
+        y = quant_triton.woq_linear(x, q, scale, None, bits=8)
+        return y + bias if bias is not None else y
+    return int8_linear_ref(x, q, scale, bias)
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    if backend.use_triton(x):
+        from kiln.kernels import quant_triton
+        y = quant_triton.woq_linear(x, packed, scales, mins, bits=4,
+                                    group=packed.shape[1] * 8 // scales.shape[1])
+        return y + bias if bias is not None else y
+    return int4_linear_ref(x, packed, scales, mins, bias)
+
+
+# -- the FP8 KV cache ----------------------------------------------------------------
+
+def to_kv_cache(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """Values as stored in a KV cache of `cache_dtype` (fp8 stores x / scale)."""
+    if cache_dtype == FP8:
+        return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return x.to(cache_dtype)
+
+
+def from_kv_cache(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    if x.dtype == FP8:
+        return (x.float() * scale).to(dtype)
+    return x.to(dtype)
