@@ -25,13 +25,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COPY_TBS = 3.02
 
 
-def measure(args) -> dict:
+def measure(args, random_weights: bool = True) -> dict:
     import torch
 
     from kiln import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(args.model, random_weights=True, max_model_len=args.max_model_len,
+    llm = LLM(args.model, random_weights=random_weights, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, device=args.device)
     load_s = time.perf_counter() - t0
@@ -52,7 +52,9 @@ def measure(args) -> dict:
         stamps.append(time.perf_counter())
     per_tok = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
     # Weight bytes per GPU: each of tp ranks reads 1/tp of the weights per token.
-    weight_bytes = cfg.num_params() * 2 // args.tp
+    # Bytes of weights each rank reads per token (from the loaded model: quantized sizes count).
+    weight_bytes = (sum(t.numel() * t.element_size() for t in local.model.state_dict().values())
+                    if local else cfg.num_params() * 2 // args.tp)
     floor_ms = weight_bytes / (COPY_TBS * 1e12) * 1e3
     out["batch1_decode"] = {"ms_per_token": round(per_tok * 1e3, 3), "weight_bytes": weight_bytes,
                             "floor_ms": round(floor_ms, 3), "ratio_to_floor": round(per_tok * 1e3 / floor_ms, 3),

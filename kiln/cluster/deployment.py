@@ -78,6 +78,15 @@ class KilnReplica:
         self.cfg = cfg
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         engine = cfg.engine
+        q = engine.quant
+        if not engine.random_weights and (q.mode != "none" or q.kv_cache_dtype == "fp8"
+                                          or engine.parallel.world_size > 1):
+            # A checkpoint to quantize or split: build (or reuse) the engine directory first.
+            from kiln.workers.builder import cached_engine
+
+            source = resolve_model(engine.model)
+            if source.engine is None:
+                engine.model = cached_engine(engine, source)
         if engine.parallel.world_size > 1:
             from ray.util.placement_group import get_current_placement_group
 

@@ -63,9 +63,13 @@ class _Progress:
 
 
 class Builder:
-    def __init__(self, config: EngineConfig, verbose: bool = True) -> None:
+    def __init__(self, config: EngineConfig, verbose: bool = True, dense_random: bool = False) -> None:
+        """`dense_random`: for random weights, draw a dense model and quantize it as a checkpoint
+        would be (calibration and AWQ on random tokens) instead of drawing quantized codes:
+        what timing a real build needs."""
         self.config = config
         self.verbose = verbose
+        self.dense_random = dense_random
 
     def build(self, out_dir: str, source: ModelSource | None = None) -> dict:
         """Write the engine to `out_dir`; returns its engine.json contents."""
@@ -87,7 +91,7 @@ class Builder:
         max_len = cfg.scheduler.max_model_len or mc.max_position_embeddings
         os.makedirs(out_dir, exist_ok=True)
         files = {}
-        if source.weights is None:
+        if source.weights is None and not self.dense_random:
             # Random weights: each rank's shard is drawn directly in its final (quantized) form,
             # so even a 70B shape never exists whole.
             progress.stage("random weights: no checkpoint to read")
@@ -101,13 +105,18 @@ class Builder:
         else:
             with torch.device(device):  # rotary tables long enough for the calibration text
                 full = LlamaForCausalLM(mc, ParallelContext(), dtype, device, q.calibration_tokens + 1)
-            full.load_weights(source.weights())
-            progress.stage(f"read and fused {source.path}", _nbytes(full))
+            if source.weights is None:
+                full.init_random(cfg.seed)
+                progress.stage("drew dense random weights", _nbytes(full))
+            else:
+                full.load_weights(source.weights())
+                progress.stage(f"read and fused {source.path}", _nbytes(full))
             if q.mode == "int4-awq" and source.quant_block and source.quant_block < q.group_size:
                 # The checkpoint is already block-quantized: keep its blocks, so nothing is lost twice.
                 q = dataclasses.replace(q, group_size=source.quant_block)
             if q.mode != "none" or q.kv_cache_dtype == "fp8":
-                tokens = calibration_tokens(source.tokenizer, mc.vocab_size, q.calibration_tokens, use_text=True)
+                tokens = calibration_tokens(source.tokenizer, mc.vocab_size, q.calibration_tokens,
+                                            use_text=source.weights is not None)
                 group = quantize_model(full, q.mode, q.kv_cache_dtype == "fp8", q.group_size, tokens, dtype, device)
                 q = dataclasses.replace(q, group_size=group)
                 progress.stage(f"quantized to {q.mode}" + (", calibrated FP8 KV scales"

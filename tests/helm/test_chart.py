@@ -27,7 +27,7 @@ VALUE_SETS = {
                      "worker": {"nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}},
                      "apiKey": {"enabled": True, "existingSecret": "team-llm-key", "secretKey": "token"}},
     "many-nodes-pp2-autoscale": {
-        "engine": {"pipelineParallelSize": 2, "maxModelLen": 8192},
+        "engine": {"pipelineParallelSize": 2, "maxModelLen": 8192, "quant": "int4-awq", "kvCacheDtype": "fp8"},
         "serve": {"replicas": {"min": 1, "initial": 2, "max": 8}, "routing": "kv", "targetOngoingRequests": 16},
         "model": {"path": "llama-70b", "storage": {"type": "pvc", "existingClaim": "models",
                                                    "init": {"enabled": True, "command": ["sh", "-c", "ls /models"]}}},
@@ -154,7 +154,8 @@ def test_serve_config_matches_kiln_serve(rendered):
             "--min-replicas", str(reps["min"]), "--max-replicas", str(reps["max"]),
             "--target-ongoing-requests", str(serve.get("targetOngoingRequests", 32)),
             "--routing", serve.get("routing", "kv"), "--device", engine.get("device", "auto"),
-            "--max-model-len", str(engine.get("maxModelLen", 0))]
+            "--max-model-len", str(engine.get("maxModelLen", 0)), "--quant", engine.get("quant", "none"),
+            "--kv-cache-dtype", engine.get("kvCacheDtype", "auto")]
     if args["engine"]["model"]:
         argv += ["--model", args["engine"]["model"]]
     cli_cfg = serve_config_v2(_serve_config(build_parser().parse_args(argv)))

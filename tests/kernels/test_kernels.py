@@ -175,3 +175,93 @@ def test_decode_ignores_padding_rows():
     meta.seq_lens[1] = 0
     out = attention_triton.paged_attention(q, kc, vc, meta, 0.125)
     assert torch.all(out[1] == 0) and not torch.isnan(out).any()
+
+
+# -- quantized GEMMs and the FP8 KV cache --------------------------------------------
+
+@pytest.mark.parametrize("m, n, k, dtype", [
+    (1, 96, 256, torch.float32), (5, 64, 512, torch.float16), (33, 48, 256, torch.float32),
+    pytest.param(1, 4096, 4096, torch.bfloat16, marks=pytest.mark.gpu),
+    pytest.param(16, 14336 * 2, 4096, torch.bfloat16, marks=pytest.mark.gpu),
+    pytest.param(256, 4096, 14336, torch.bfloat16, marks=pytest.mark.gpu),
+])
+def test_weight_only_gemm(m, n, k, dtype):
+    from kiln.kernels import quant, quant_triton
+
+    x = torch.randn(m, k, dtype=dtype, device=DEV)
+    w = torch.randn(n, k, device=DEV) * 0.02
+    q8, s8 = quant.quantize_int8(w)
+    ref8 = quant.int8_linear_ref(x.float(), q8, s8, None)
+    assert rel_err(quant_triton.woq_linear(x, q8, s8, None, bits=8), ref8) < TOL[dtype]
+    for group in (128, 64):
+        p, sc, mn = quant.quantize_int4(w, group)
+        ref4 = quant.int4_linear_ref(x.float(), p, sc, mn, None)
+        assert rel_err(quant_triton.woq_linear(x, p, sc, mn, bits=4, group=group), ref4) < TOL[dtype]
+
+
+def test_quantizers_round_trip():
+    from kiln.kernels import quant
+
+    w = torch.randn(64, 256)
+    q, s = quant.quantize_int8(w)
+    assert rel_err(q.float() * s[:, None], w) < 0.01
+    p, sc, mn = quant.quantize_int4(w, 32)
+    assert rel_err(quant.dequantize_int4(p, sc, mn, torch.float32), w) < 0.12
+    codes = torch.randint(0, 16, (8, 64), dtype=torch.int32)
+    assert torch.equal(quant.unpack_int4(quant.pack_int4(codes)), codes)
+    f, fs = quant.quantize_fp8(w)
+    assert rel_err(f.float() * fs[:, None], w) < 0.05
+
+
+@pytest.mark.gpu
+def test_fp8_linear_matches_reference():
+    from kiln.kernels import quant
+
+    x = torch.randn(64, 4096, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(1024, 4096, device="cuda") * 0.02
+    q, s = quant.quantize_fp8(w)
+    assert rel_err(quant.fp8_linear(x, q, s, None), quant.fp8_linear_ref(x, q, s, None).float()) < 1e-2
+
+
+@pytest.mark.parametrize("q_lens, ctx", [([1, 1], [300, 17]), ([9, 1], [0, 40])])
+def test_fp8_kv_reference_close_to_full_precision(q_lens, ctx):
+    from kiln.kernels.quant import to_kv_cache
+
+    q, kc, vc, meta = make_batch(q_lens, ctx, 8, 2, 64, 16, torch.float32, 4)
+    ks, vs = float(kc.abs().max()) / 400, float(vc.abs().max()) / 400
+    kq, vq = to_kv_cache(kc, torch.float8_e4m3fn, ks), to_kv_cache(vc, torch.float8_e4m3fn, vs)
+    full = paged_attention_ref(q, kc, vc, meta, 0.125)
+    assert rel_err(paged_attention_ref(q, kq, vq, meta, 0.125, ks, vs), full) < 0.06
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_lens, ctx, hq, hkv, d, page", GPU_ATTN[:4])
+def test_fp8_kv_triton_matches_reference(q_lens, ctx, hq, hkv, d, page):
+    from kiln.kernels import attention_triton
+    from kiln.kernels.quant import to_kv_cache
+
+    q, kc, vc, meta = make_batch(q_lens, ctx, hq, hkv, d, page, torch.bfloat16, 5)
+    ks, vs = 0.02, 0.015
+    kq, vq = to_kv_cache(kc, torch.float8_e4m3fn, ks), to_kv_cache(vc, torch.float8_e4m3fn, vs)
+    ref = paged_attention_ref(q.float(), kq, vq, meta, d ** -0.5, ks, vs)
+    got = attention_triton.paged_attention(q, kq, vq, meta, d ** -0.5, ks, vs)
+    assert rel_err(got, ref) < 1e-2
+
+
+@pytest.mark.gpu
+def test_rope_writes_fp8_cache():
+    from kiln.kernels import rope_triton
+    from kiln.kernels.quant import to_kv_cache
+
+    T, hq, hkv, d = 64, 32, 8, 128
+    cs = rope_cos_sin(d, 4096, 500000.0, None, "cuda")
+    qkv = torch.randn(T, (hq + 2 * hkv) * d, dtype=torch.bfloat16, device="cuda")
+    pos = torch.randint(0, 4096, (T,), device="cuda")
+    slots = torch.randperm(40 * 16, device="cuda")[:T]
+    q, k, v = (t.view(T, -1, d) for t in qkv.clone().split([hq * d, hkv * d, hkv * d], -1))
+    kc = torch.zeros(40, 16, hkv, d, dtype=torch.float8_e4m3fn, device="cuda")
+    vc = torch.zeros_like(kc)
+    rope_triton.rope_and_cache(q, k, v, pos, cs, kc, vc, slots, 0.05, 0.03)
+    flat_k, flat_v = kc.view(-1, hkv, d)[slots].float(), vc.view(-1, hkv, d)[slots].float()
+    assert rel_err(flat_k, to_kv_cache(k, torch.float8_e4m3fn, 0.05).float()) < 1e-2
+    assert rel_err(flat_v, to_kv_cache(v, torch.float8_e4m3fn, 0.03).float()) < 1e-2

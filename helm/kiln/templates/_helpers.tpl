@@ -71,7 +71,8 @@ dataclasses `kiln serve` uses (tests/helm checks that the two agree field for fi
                       "max_model_len" (int $e.maxModelLen))
     "parallel" (dict "tensor_parallel_size" (int $e.tensorParallelSize)
                      "pipeline_parallel_size" (int $e.pipelineParallelSize)
-                     "collective_timeout_s" 120.0 "heartbeat_s" 0.5) -}}
+                     "collective_timeout_s" 120.0 "heartbeat_s" 0.5)
+    "quant" (dict "mode" $e.quant "kv_cache_dtype" $e.kvCacheDtype "group_size" 128 "calibration_tokens" 2048) -}}
 {{- $router := dict "policy" $s.routing "prefix_weight" 1.0 "load_weight" 0.5 "kv_usage_weight" 0.2
     "max_queued_per_replica" (int $s.maxQueuedRequests) "retry_after_s" 1 -}}
 {{- $args := dict

@@ -1,0 +1,114 @@
+"""Build and run quantized engines on one GPU: build time, load time, speed, memory.
+
+    python benchmarks/builder.py --name builder-h100                 # Llama-3.1-8B shape modes
+    python benchmarks/builder.py --name builder-h100-70b --runs 70b-int4-awq
+
+Random weights of the Llama-3.1-8B shape, built as a checkpoint would be (dense,
+then calibrated and quantized; AWQ searched on random tokens), written to disk
+and loaded back. For each run: build seconds (target <= 60 s for 8B, writing
+included), load seconds until the engine serves (target <= 15 s), output tok/s
+at 128/128 and 2048/128 with 256 requests, and batch-1 decode ms/token against
+the weight-bytes floor. The 70B runs draw the quantized shards directly (a
+dense 70B does not fit) and record memory and batch-1 ms/token.
+Targets: fp8 >= 1.4x bf16 throughput; int4-awq batch-1 decode >= 2.5x faster than bf16.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+COPY_TBS = 3.02
+RUNS = {
+    "none": ("llama-3.1-8b", "none", "auto"),
+    "fp8": ("llama-3.1-8b", "fp8", "auto"),
+    "int4-awq": ("llama-3.1-8b", "int4-awq", "auto"),
+    "int8-wo": ("llama-3.1-8b", "int8-wo", "auto"),
+    "kv-fp8": ("llama-3.1-8b", "none", "fp8"),
+    "70b-int4-awq": ("llama-3.1-70b", "int4-awq", "auto"),
+    "70b-fp8": ("llama-3.1-70b", "fp8", "auto"),
+}
+
+
+def child(run: str, args) -> dict:
+    import torch
+
+    from benchmarks.throughput import measure
+    from kiln.config import EngineConfig, QuantConfig, SchedulerConfig
+    from kiln.workers.builder import Builder
+
+    preset, mode, kv = RUNS[run]
+    big = preset.endswith("70b")
+    out_dir = os.path.join(args.workdir, run)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cfg = EngineConfig(model=preset, random_weights=True, quant=QuantConfig(mode=mode, kv_cache_dtype=kv),
+                       scheduler=SchedulerConfig(max_model_len=args.max_model_len))
+    t = time.perf_counter()
+    meta = Builder(cfg, verbose=True, dense_random=not big).build(out_dir)
+    build_s = time.perf_counter() - t
+    size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in meta["files"].values())
+    torch.cuda.empty_cache()
+    result = {"build_seconds": round(build_s, 1), "engine_bytes": size}
+    ns = argparse.Namespace(model=out_dir, tp=1, pp=1, device="auto", max_model_len=args.max_model_len,
+                            max_num_seqs=256, max_num_batched_tokens=8192, decode_tokens=129, requests=args.requests,
+                            workload=[] if big else args.workload)
+    m = measure(ns, random_weights=False)
+    result.update(m)
+    result["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", default="builder-h100")
+    ap.add_argument("--runs", nargs="+", default=["none", "fp8", "int4-awq"])
+    ap.add_argument("--workload", nargs="+", default=["128/128", "2048/128"])
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--workdir", default="/tmp/kiln-engines")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child, args)), flush=True)
+        return
+    from benchmarks.common import write_result
+
+    figures = {}
+    for run in args.runs:
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", run, "--requests", str(args.requests),
+               "--max-model-len", str(args.max_model_len), "--workdir", args.workdir, "--workload", *args.workload]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        figures[run] = json.loads(line[7:]) if line else {"error": (proc.stderr or proc.stdout)[-3000:]}
+        print(run, json.dumps(figures[run])[:600], flush=True)
+    base = figures.get("none", {})
+    print(f"\n{'run':14s} {'build s':>8s} {'load s':>7s} {'b1 ms':>7s} {'floor':>6s} " +
+          " ".join(f"{w + ' tok/s':>16s}" for w in args.workload))
+    for run, f in figures.items():
+        if "error" in f:
+            print(f"{run:14s} error")
+            continue
+        tps = " ".join(f"{f.get('in{}_out{}'.format(*w.split('/')), {}).get('output_tok_s', 0):16.1f}"
+                       for w in args.workload)
+        b1 = f["batch1_decode"]
+        print(f"{run:14s} {f['build_seconds']:8.1f} {f['load_seconds']:7.1f} {b1['ms_per_token']:7.2f} "
+              f"{b1['floor_ms']:6.2f} {tps}")
+        if "error" not in base and run != "none" and "batch1_decode" in base:
+            f["batch1_speedup_vs_bf16"] = round(base["batch1_decode"]["ms_per_token"] / b1["ms_per_token"], 2)
+            key = "in128_out128"
+            if key in f and key in base:
+                f["throughput_128_vs_bf16"] = round(f[key]["output_tok_s"] / base[key]["output_tok_s"], 2)
+    print("wrote", write_result(args.name, figures, model="Llama-3.1 shapes, random weights",
+                                targets={"build_seconds_8b": 60, "load_seconds": 15, "fp8_throughput_vs_bf16": 1.4,
+                                         "int4_batch1_speedup_vs_bf16": 2.5}))
+
+
+if __name__ == "__main__":
+    main()
