@@ -33,6 +33,7 @@ RUNS = {
     "kv-fp8": ("llama-3.1-8b", "none", "fp8"),
     "70b-int4-awq": ("llama-3.1-70b", "int4-awq", "auto"),
     "70b-fp8": ("llama-3.1-70b", "fp8", "auto"),
+    "smoke": ("smollm2-135m", "int8-wo", "auto"),  # a CPU check of this script
 }
 
 
