@@ -2,6 +2,7 @@
 
     python benchmarks/builder.py --name builder-h100                 # Llama-3.1-8B shape modes
     python benchmarks/builder.py --name builder-h100-70b --runs 70b-int4-awq
+    python benchmarks/builder.py --name builder-h100 --merge a.json b.json  # runs split across calls
 
 Random weights of the Llama-3.1-8B shape, built as a checkpoint would be (dense,
 then calibrated and quantized; AWQ searched on random tokens), written to disk
@@ -74,30 +75,54 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--workdir", default="/tmp/kiln-engines")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="join result files of earlier calls (e.g. runs split across device calls) into --name")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args.child, args)), flush=True)
         return
+    figures, parts = {}, []
+    if args.merge:  # one 10-minute device call cannot hold every run: join their result files
+        for path in args.merge:
+            with open(path) as f:
+                rec = json.load(f)
+            figures.update(rec["figures"])
+            parts.append({k: rec[k] for k in ("benchmark", "device", "date", "git_commit", "command")})
+    else:
+        for run in args.runs:
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", run, "--requests", str(args.requests),
+                   "--max-model-len", str(args.max_model_len), "--workdir", args.workdir,
+                   "--workload", *args.workload]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            figures[run] = json.loads(line[7:]) if line else {"error": (proc.stderr or proc.stdout)[-3000:]}
+            print(run, json.dumps(figures[run])[:600], flush=True)
+            save(args.name, figures, parts)  # after each run, so a call cut short keeps what finished
+    compare(figures, args.workload)
+    print("wrote", save(args.name, figures, parts))
+
+
+def save(name: str, figures: dict, parts: list) -> str:
     from benchmarks.common import write_result
 
-    figures = {}
-    for run in args.runs:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", run, "--requests", str(args.requests),
-               "--max-model-len", str(args.max_model_len), "--workdir", args.workdir, "--workload", *args.workload]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        figures[run] = json.loads(line[7:]) if line else {"error": (proc.stderr or proc.stdout)[-3000:]}
-        print(run, json.dumps(figures[run])[:600], flush=True)
+    extra = {"parts": parts} if parts else {}
+    return write_result(name, figures, model="Llama-3.1 shapes, random weights",
+                        targets={"build_seconds_8b": 60, "load_seconds": 15, "fp8_throughput_vs_bf16": 1.4,
+                                 "int4_batch1_speedup_vs_bf16": 2.5}, **extra)
+
+
+def compare(figures: dict, workload: list[str]) -> None:
+    """Add each run's speed relative to bf16 ("none") and print the table."""
     base = figures.get("none", {})
     print(f"\n{'run':14s} {'build s':>8s} {'load s':>7s} {'b1 ms':>7s} {'floor':>6s} " +
-          " ".join(f"{w + ' tok/s':>16s}" for w in args.workload))
+          " ".join(f"{w + ' tok/s':>16s}" for w in workload))
     for run, f in figures.items():
         if "error" in f:
             print(f"{run:14s} error")
             continue
         tps = " ".join(f"{f.get('in{}_out{}'.format(*w.split('/')), {}).get('output_tok_s', 0):16.1f}"
-                       for w in args.workload)
+                       for w in workload)
         b1 = f["batch1_decode"]
         print(f"{run:14s} {f['build_seconds']:8.1f} {f['load_seconds']:7.1f} {b1['ms_per_token']:7.2f} "
               f"{b1['floor_ms']:6.2f} {tps}")
@@ -106,10 +131,6 @@ def main() -> None:
             key = "in128_out128"
             if key in f and key in base:
                 f["throughput_128_vs_bf16"] = round(f[key]["output_tok_s"] / base[key]["output_tok_s"], 2)
-    print("wrote", write_result(args.name, figures, model="Llama-3.1 shapes, random weights",
-                                targets={"build_seconds_8b": 60, "load_seconds": 15, "fp8_throughput_vs_bf16": 1.4,
-                                         "int4_batch1_speedup_vs_bf16": 2.5}))
-
 
 if __name__ == "__main__":
     main()
