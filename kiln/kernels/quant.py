@@ -44,11 +44,24 @@ def fp8_linear_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: 
     return (y + bias.float() if bias is not None else y).to(x.dtype)
 
 
+# Up to this many rows (decode batches) reading the weight is the whole cost, and
+# _scaled_mm plus the activation quantization launch more than it saves: the
+# weight-only kernel widens the e4m3 codes in registers and keeps x in bf16.
+FP8_WEIGHT_ONLY_MAX_M = 32
+
+
 def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if not x.is_cuda:
+    if not backend.use_triton(x):
         return fp8_linear_ref(x, q, scale, bias)
-    xq, xs = quantize_fp8_per_token(x)
-    y = torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=scale[None, :], out_dtype=x.dtype)
+    from kiln.kernels import quant_triton
+    if x.shape[0] <= FP8_WEIGHT_ONLY_MAX_M:
+        y = quant_triton.woq_linear(x, q, scale, None, bits=8)
+    else:
+        xq, xs = quant_triton.quantize_fp8_per_token(x)
+        if x.is_cuda:
+            y = torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=scale[None, :], out_dtype=x.dtype)
+        else:  # the interpreter checks the quantization kernel; the GEMM is the reference's
+            y = F.linear(xq.float() * xs, q.float() * scale[:, None]).to(x.dtype)
     return y + bias if bias is not None else y
 
 

@@ -1,9 +1,17 @@
-"""Weight-only quantized GEMM in Triton: y = x @ dequant(W)^T, W int8 or packed int4.
+"""Quantized GEMMs in Triton: y = x @ dequant(W)^T for int8, fp8 or packed int4 W.
 
-At decode batch sizes the cost is reading the weights, so the kernel reads the
-compact codes once, widens them to bf16 in registers and feeds tensor cores.
+At decode batch sizes the cost is reading the weights, so the weight-only kernel
+reads the compact codes once, widens them in registers and feeds tensor cores.
 Few output tiles (small N, tiny M) would leave SMs idle, so K is split over
 several programs that add their partial sums into an fp32 buffer.
+
+int4 (w = code * scale + min per group of K): a K tile is one group, so
+x . w over the tile = scale * (x . codes) + min * sum(x): the codes (0..15,
+exact in bf16) go to the tensor cores as they are and the group's scale and
+min are applied once per output, not once per weight.
+
+At prefill sizes the GEMM is compute-bound: the weight is dequantized once
+into a bf16 scratch tile-by-tile and cuBLAS does the rest.
 """
 from __future__ import annotations
 
@@ -16,7 +24,7 @@ import triton.language as tl
 
 @triton.jit
 def _woq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride, s_stride, out_stride,
-                k_per_split, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                k_per_split, BITS: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -27,23 +35,30 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride
     mask_n = offs_n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_start = pid_k * k_per_split
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * x_stride
+    w_cols = w_ptr + offs_n[None, :].to(tl.int64) * w_stride
     for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * x_stride + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+        x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None], other=0.0)
         if BITS == 8:
-            q = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * w_stride + offs_k[:, None], mask=mask_n[None, :],
-                        other=0)
-            w = q.to(x.dtype)
+            q = tl.load(w_cols + offs_k[:, None], mask=mask_n[None, :], other=0)
+            if FP8:  # e4m3 codes arrive as bytes (a masked fp8 load cannot take a fill value)
+                w = q.to(tl.float8e4nv, bitcast=True).to(x.dtype)
+            else:
+                w = q.to(x.dtype)
+            acc += tl.dot(x, w)
         else:
-            # Eight 4-bit codes per int32: each word is loaded for its eight k's (cached), then shifted out.
-            packed = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * w_stride + offs_k[:, None] // 8,
-                             mask=mask_n[None, :], other=0)
-            codes = (packed >> ((offs_k[:, None] % 8) * 4)) & 0xF
-            g = k0 // GROUP  # BLOCK_K divides GROUP: one scale and zero per column for this tile
+            # [BLOCK_K/8, BLOCK_N] words -> [BLOCK_K/8, 8, BLOCK_N] nibbles -> [BLOCK_K, BLOCK_N] codes.
+            offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            packed = tl.load(w_cols + offs_w[:, None], mask=mask_n[None, :], other=0)
+            shifts = tl.arange(0, 8) * 4
+            codes = (packed[:, None, :] >> shifts[None, :, None]) & 0xF
+            codes = tl.reshape(codes, (BLOCK_K, BLOCK_N)).to(x.dtype)
+            g = k0 // BLOCK_K  # BLOCK_K is the group: one scale and min per column for this tile
             scale = tl.load(s_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
             mn = tl.load(z_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
-            w = (codes.to(tl.float32) * scale[None, :] + mn[None, :]).to(x.dtype)
-        acc += tl.dot(x, w)
+            xsum = tl.sum(x.to(tl.float32), axis=1)
+            acc += tl.dot(x, codes) * scale[None, :] + xsum[:, None] * mn[None, :]
     if BITS == 8:  # per-output-channel scale, applied once after the sum
         scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         acc = acc * scale[None, :]
@@ -51,34 +66,115 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride
     tl.atomic_add(ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _dequant_int4_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, w_stride, s_stride, out_stride,
+                         BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    pid_n = tl.program_id(0)
+    g = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_w = g * (GROUP // 8) + tl.arange(0, GROUP // 8)
+    packed = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * w_stride + offs_w[None, :], mask=mask_n[:, None],
+                     other=0)
+    shifts = tl.arange(0, 8) * 4
+    codes = tl.reshape((packed[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_N, GROUP))
+    scale = tl.load(s_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
+    mn = tl.load(z_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
+    w = codes.to(tl.float32) * scale[:, None] + mn[:, None]
+    offs_k = g * GROUP + tl.arange(0, GROUP)
+    tl.store(out_ptr + offs_n[:, None].to(tl.int64) * out_stride + offs_k[None, :],
+             w.to(out_ptr.dtype.element_ty), mask=mask_n[:, None])
+
+
+@triton.jit
+def _fp8_per_token_kernel(x_ptr, q_ptr, s_ptr, K, x_stride, q_stride, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * x_stride + offs, mask=offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(tl.max(amax, axis=0) / 448.0, 1e-12)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * x_stride + offs, mask=offs < K, other=0.0).to(tl.float32)
+        q = tl.clamp(x / scale, -448.0, 448.0)
+        tl.store(q_ptr + row * q_stride + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)
+    tl.store(s_ptr + row, scale)
+
+
 @functools.lru_cache(maxsize=4)
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count if torch.cuda.is_available() else 16
 
 
+# Above this many rows an int4 GEMM is compute-bound: dequantize once, then cuBLAS.
+INT4_DEQUANT_MIN_M = 256
+
+
+def _tiles(M: int, bits: int, group: int, on_gpu: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), tuned on H100 (benchmarks/kernels.py)."""
+    if not on_gpu:  # the interpreter: small tiles
+        return 16, 16, (group if bits == 4 else 32), 4, 1
+    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
+    if bits == 4:
+        return block_m, (64 if M <= 64 else 128), group, 4, 3
+    block_n, block_k = (64, 128) if M <= 64 else (128, 64)
+    return block_m, block_n, block_k, 4, 3
+
+
 def woq_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                bits: int, group: int = 128) -> torch.Tensor:
-    """x [M, K] (bf16/fp16/fp32); int8 w [N, K] with scales [N], or int4 w [N, K/8] with scales/mins [N, K/group]."""
+    """x [M, K] (bf16/fp16/fp32); int8 or fp8 w [N, K] with scales [N], or int4 w [N, K/8] with
+    scales/mins [N, K/group]."""
     M, K = x.shape
     N = w.shape[0]
     x = x.contiguous()
-    if x.is_cuda:
-        block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
-        block_n, block_k = (64, 128) if M <= 64 else (128, 64)
-    else:  # the interpreter: small tiles
-        block_m, block_n, block_k = 16, 16, 32
-    block_k = min(block_k, group) if bits == 4 else block_k
+    if bits == 4 and x.is_cuda and M >= INT4_DEQUANT_MIN_M:
+        return torch.nn.functional.linear(x, dequantize_int4(w, scales, mins, x.dtype, group))
+    fp8 = w.dtype == torch.float8_e4m3fn
+    if fp8:
+        w = w.view(torch.uint8)
+    block_m, block_n, block_k, warps, stages = _tiles(M, bits, group, x.is_cuda)
+    if bits == 4 and (group % 8 or group < 16):
+        raise ValueError(f"int4 group size must be a multiple of 8 and >= 16, got {group}")
+    if K % block_k:
+        raise ValueError(f"K={K} must be a multiple of {block_k}")
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     sms = _num_sms(x.device.index or 0) if x.is_cuda else 4
     # Split K until there are about two programs per SM (each split a whole number of K tiles).
     splits = 1
     while tiles * splits < 2 * sms and K % (splits * 2 * block_k) == 0 and splits < 16:
         splits *= 2
-    if K % block_k:
-        raise ValueError(f"K={K} must be a multiple of {block_k}")
     out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), splits)
     _woq_kernel[grid](x, w, scales, mins if mins is not None else scales, out, M, N, K, x.stride(0), w.stride(0),
-                      scales.stride(0), out.stride(0), K // splits, BITS=bits, GROUP=group, BLOCK_M=block_m,
-                      BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3 if x.is_cuda else 1)
+                      scales.stride(0), out.stride(0), K // splits, BITS=bits, FP8=fp8, BLOCK_M=block_m,
+                      BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return out.to(x.dtype)
+
+
+def dequantize_int4(w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, dtype: torch.dtype,
+                    group: int) -> torch.Tensor:
+    """Packed int4 [N, K/8] -> dense [N, K] of `dtype` (one read of the codes, one write)."""
+    N, K = w.shape[0], w.shape[1] * 8
+    out = torch.empty(N, K, dtype=dtype, device=w.device)
+    block_n = 64 if w.is_cuda else 16
+    _dequant_int4_kernel[(triton.cdiv(N, block_n), K // group)](w, scales, mins, out, N, w.stride(0),
+                                                                scales.stride(0), out.stride(0),
+                                                                BLOCK_N=block_n, GROUP=group)
+    return out
+
+
+def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass per row: e4m3 codes [M, K] and fp32 scales [M, 1] (amax / 448)."""
+    if not x.is_cuda:  # the interpreter's e4m3 cast rounds wrongly across binades (124.3 -> 64)
+        from kiln.kernels.quant import quantize_fp8_per_token as reference
+        return reference(x)
+    M, K = x.shape
+    x = x.contiguous()
+    q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(M, 1, dtype=torch.float32, device=x.device)
+    block = min(triton.next_power_of_2(K), 4096)
+    _fp8_per_token_kernel[(M,)](x, q, s, K, x.stride(0), q.stride(0), BLOCK=block, num_warps=8)
+    return q, s

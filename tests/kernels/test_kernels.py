@@ -6,6 +6,7 @@ bf16. Outputs are poisoned first, so an unwritten element fails the check.
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kiln.kernels import backend
 from kiln.kernels.activation import silu_and_mul_ref
@@ -193,7 +194,10 @@ def test_weight_only_gemm(m, n, k, dtype):
     q8, s8 = quant.quantize_int8(w)
     ref8 = quant.int8_linear_ref(x.float(), q8, s8, None)
     assert rel_err(quant_triton.woq_linear(x, q8, s8, None, bits=8), ref8) < TOL[dtype]
-    for group in (128, 64):
+    f8, fs = quant.quantize_fp8(w)
+    ref_f8 = F.linear(x.float(), f8.float() * fs[:, None])
+    assert rel_err(quant_triton.woq_linear(x, f8, fs, None, bits=8), ref_f8) < TOL[dtype]
+    for group in (128, 64, 32):
         p, sc, mn = quant.quantize_int4(w, group)
         ref4 = quant.int4_linear_ref(x.float(), p, sc, mn, None)
         assert rel_err(quant_triton.woq_linear(x, p, sc, mn, bits=4, group=group), ref4) < TOL[dtype]
@@ -213,14 +217,43 @@ def test_quantizers_round_trip():
     assert rel_err(f.float() * fs[:, None], w) < 0.05
 
 
-@pytest.mark.gpu
-def test_fp8_linear_matches_reference():
+@pytest.mark.parametrize("m", [3, 40])
+def test_fp8_linear_triton_path_matches_reference(m):
+    """Small batches take the weight-only kernel (x unquantized), larger ones quantize x per token."""
     from kiln.kernels import quant
 
-    x = torch.randn(64, 4096, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(m, 256)
+    q, s = quant.quantize_fp8(torch.randn(48, 256) * 0.02)
+    with backend.use("triton"):
+        y = quant.fp8_linear(x, q, s, None)
+    tol = 5e-2 if m <= quant.FP8_WEIGHT_ONLY_MAX_M else 1e-5  # activation rounding vs none
+    assert rel_err(y, quant.fp8_linear_ref(x, q, s, None)) < tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 64, 300])
+def test_fp8_linear_matches_reference(m):
+    from kiln.kernels import quant, quant_triton
+
+    x = torch.randn(m, 4096, dtype=torch.bfloat16, device="cuda")
     w = torch.randn(1024, 4096, device="cuda") * 0.02
     q, s = quant.quantize_fp8(w)
-    assert rel_err(quant.fp8_linear(x, q, s, None), quant.fp8_linear_ref(x, q, s, None).float()) < 1e-2
+    tol = 5e-2 if m <= quant.FP8_WEIGHT_ONLY_MAX_M else 1e-2
+    assert rel_err(quant.fp8_linear(x, q, s, None), quant.fp8_linear_ref(x, q, s, None).float()) < tol
+    xq, xs = quant_triton.quantize_fp8_per_token(x)
+    rq, rs = quant.quantize_fp8_per_token(x)
+    assert torch.equal(xq.float(), rq.float()) and torch.allclose(xs, rs)
+
+
+def test_int4_dequantize_kernel_matches_reference():
+    from kiln.kernels import quant, quant_triton
+
+    w = torch.randn(40, 256, device=DEV)
+    for group in (32, 128):
+        p, sc, mn = quant.quantize_int4(w, group)
+        with backend.use("triton"):
+            got = quant_triton.dequantize_int4(p, sc, mn, torch.float32, group)
+        assert torch.allclose(got, quant.dequantize_int4(p, sc, mn, torch.float32), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("q_lens, ctx", [([1, 1], [300, 17]), ([9, 1], [0, 40])])
