@@ -67,6 +67,52 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride
 
 
 @triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_stride, s_stride, out_stride,
+                 M: tl.constexpr, BITS: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A few rows of x against [BLOCK_N, K] of W: the weight tile is read once, K-contiguous
+    (vector loads), and reduced in registers; no tensor cores, no split-K buffer."""
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = tl.arange(0, BLOCK_M)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * w_stride
+    if BITS == 4:
+        # K as [BLOCK_K/8 words, 8 nibbles]: the codes never need a reshape.
+        k8 = tl.arange(0, BLOCK_K // 8)
+        nib = tl.arange(0, 8)
+        shifts = nib * 4
+        for k0 in range(0, K, BLOCK_K):
+            packed = tl.load(w_rows + (k0 // 8 + k8)[None, :], mask=mask_n[:, None], other=0)
+            codes = ((packed[:, :, None] >> shifts[None, None, :]) & 0xF).to(tl.float32)
+            g = k0 // BLOCK_K
+            scale = tl.load(s_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
+            mn = tl.load(z_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
+            for m in tl.static_range(M):
+                x = tl.load(x_ptr + m * x_stride + k0 + k8[:, None] * 8 + nib[None, :]).to(tl.float32)
+                dot = tl.sum(tl.sum(codes * x[None, :, :], axis=2), axis=1)
+                part = dot * scale + tl.sum(tl.sum(x, axis=1), axis=0) * mn
+                acc += tl.where(rows[:, None] == m, part[None, :], 0.0)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            q = tl.load(w_rows + (k0 + offs_k)[None, :], mask=mask_n[:, None], other=0)
+            if FP8:
+                w = q.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            else:
+                w = q.to(tl.float32)
+            for m in tl.static_range(M):
+                x = tl.load(x_ptr + m * x_stride + k0 + offs_k).to(tl.float32)
+                part = tl.sum(w * x[None, :], axis=1)
+                acc += tl.where(rows[:, None] == m, part[None, :], 0.0)
+        scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc = acc * scale[None, :]
+    ptrs = out_ptr + rows[:, None] * out_stride + offs_n[None, :]
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & mask_n[None, :])
+
+
+@triton.jit
 def _dequant_int4_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, w_stride, s_stride, out_stride,
                          BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -110,6 +156,10 @@ def _num_sms(index: int) -> int:
 
 # Above this many rows an int4 GEMM is compute-bound: dequantize once, then cuBLAS.
 INT4_DEQUANT_MIN_M = 256
+# Up to this many rows the register GEMV beats tensor-core tiles padded to 16 rows.
+GEMV_MAX_M = 4
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV, by bits (H100 sweep).
+GEMV_TILES = {4: (16, 128, 4, 4), 8: (16, 256, 4, 4)}
 
 
 def _tiles(M: int, bits: int, group: int, on_gpu: bool) -> tuple[int, int, int, int, int]:
@@ -135,9 +185,21 @@ def woq_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: tor
     fp8 = w.dtype == torch.float8_e4m3fn
     if fp8:
         w = w.view(torch.uint8)
-    block_m, block_n, block_k, warps, stages = _tiles(M, bits, group, x.is_cuda)
     if bits == 4 and (group % 8 or group < 16):
         raise ValueError(f"int4 group size must be a multiple of 8 and >= 16, got {group}")
+    if M <= GEMV_MAX_M:
+        block_n, block_k, warps, stages = GEMV_TILES[bits] if x.is_cuda else (16, 32, 4, 1)
+        block_k = group if bits == 4 else block_k
+        if K % block_k:
+            raise ValueError(f"K={K} must be a multiple of {block_k}")
+        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        _gemv_kernel[(triton.cdiv(N, block_n),)](x, w, scales, mins if mins is not None else scales, out, N, K,
+                                                 x.stride(0), w.stride(0), scales.stride(0), out.stride(0), M=M,
+                                                 BITS=bits, FP8=fp8, BLOCK_M=max(2, triton.next_power_of_2(M)),
+                                                 BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+                                                 num_stages=stages)
+        return out
+    block_m, block_n, block_k, warps, stages = _tiles(M, bits, group, x.is_cuda)
     if K % block_k:
         raise ValueError(f"K={K} must be a multiple of {block_k}")
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)

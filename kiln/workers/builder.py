@@ -254,7 +254,7 @@ def check_engine(meta: dict, path: str, device: torch.device, tp: int, pp: int) 
 
 def load_engine_model(meta: dict, path: str, ctx: ParallelContext, device: torch.device, max_positions: int):
     """The rank's model, read straight from its engine file onto `device`."""
-    from safetensors import safe_open
+    from kiln.workers.loaders.fastload import load_to_device
 
     mc = ModelConfig(**meta["model"])
     q = QuantConfig(**meta["build"]["quant"])
@@ -268,10 +268,7 @@ def load_engine_model(meta: dict, path: str, ctx: ParallelContext, device: torch
     model.register_buffer("cos_sin", rope_cos_sin(mc.head_dim, max_positions, mc.rope_theta, mc.rope_scaling,
                                                   device), persistent=False)
     file = os.path.join(path, meta["files"][str(ctx.rank)])
-    state = {}
-    with safe_open(file, framework="pt", device=str(device)) as f:
-        for key in f.keys():
-            state[key] = f.get_tensor(key)
+    state = load_to_device(file, device)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = model.lm_head is not None and model.embed_tokens is not None and mc.tie_word_embeddings
     if tied:

@@ -125,6 +125,8 @@ class Engine:
         if self.device.type == "cuda" and not config.enforce_eager and backend.use_triton(self.model.cos_sin) \
                 and self.ctx.pp_size == 1:
             self._capture_graphs()
+        if self.device.type == "cuda" and self.ctx.pp_size == 1:
+            self._warmup()
 
     # -- KV cache ------------------------------------------------------------
 
@@ -294,8 +296,7 @@ class Engine:
         pool = None
         for bs in reversed(self._graph_sizes):
             meta = self._graph_meta(bs)
-            for _ in range(2):  # warm up (Triton compiles, autotunes) outside the capture
-                self.model(self._g_ids[:bs], self._g_pos[:bs], self.kv_caches, meta)
+            self.model(self._g_ids[:bs], self._g_pos[:bs], self.kv_caches, meta)  # compile outside the capture
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
@@ -306,6 +307,27 @@ class Engine:
         torch.cuda.synchronize()
         log.info("captured %d decode CUDA graphs (batch 1..%d) in %.1fs", len(self.graphs), n,
                  time.perf_counter() - t0)
+
+    @torch.inference_mode()
+    def _warmup(self) -> None:
+        """Compile the eager (mixed decode + prefill) step's kernel variants now, not during the
+        first requests: a first mixed step otherwise stalls every request for seconds."""
+        bs, t0 = self.block_size, time.perf_counter()
+        for batch in ([(40, 1)] * 2 + [(300, 300), (24, 24)], [(40, 1)] * 48 + [(24, 24)]):
+            entries, nxt = [], 0
+            for n_ctx, n_new in batch:
+                nb = -(-n_ctx // bs)
+                e = _DummyEntry(n_ctx, list(range(nxt, nxt + nb)))
+                e.seq.num_computed_tokens, e.num_new_tokens = n_ctx - n_new, n_new
+                entries.append(e)
+                nxt += nb
+            if nxt > self.num_blocks:
+                return
+            inputs = self._prepare(entries, graph=False)
+            hidden, _ = self._forward(inputs)
+            self.model.compute_logits(hidden[inputs.logits_indices])
+        torch.cuda.synchronize()
+        log.info("warmed up eager step kernels in %.1fs", time.perf_counter() - t0)
 
     def _graph_meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(slot_mapping=self._g_slots[:bs], query_start_loc=self._g_qsl[:bs + 1],
