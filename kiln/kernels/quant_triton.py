@@ -8,7 +8,9 @@ several programs that add their partial sums into an fp32 buffer.
 int4 (w = code * scale + min per group of K): a K tile is one group, so
 x . w over the tile = scale * (x . codes) + min * sum(x): the codes (0..15,
 exact in bf16) go to the tensor cores as they are and the group's scale and
-min are applied once per output, not once per weight.
+min are applied once per output, not once per weight. The eight nibbles of a
+word are eight K-planes, each multiplied with its own strided slice of x, so
+the packed tile is never reshaped.
 
 At prefill sizes the GEMM is compute-bound: the weight is dequantized once
 into a bf16 scratch tile-by-tile and cuBLAS does the rest.
@@ -48,17 +50,22 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride
                 w = q.to(x.dtype)
             acc += tl.dot(x, w)
         else:
-            # [BLOCK_K/8, BLOCK_N] words -> [BLOCK_K/8, 8, BLOCK_N] nibbles -> [BLOCK_K, BLOCK_N] codes.
+            # Nibble j of word i holds k = 8i + j: eight [BLOCK_K/8, BLOCK_N] code planes, each
+            # against the x columns j, j+8, ... (no reshape, so no trip through shared memory).
             offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
             packed = tl.load(w_cols + offs_w[:, None], mask=mask_n[None, :], other=0)
-            shifts = tl.arange(0, 8) * 4
-            codes = (packed[:, None, :] >> shifts[None, :, None]) & 0xF
-            codes = tl.reshape(codes, (BLOCK_K, BLOCK_N)).to(x.dtype)
             g = k0 // BLOCK_K  # BLOCK_K is the group: one scale and min per column for this tile
             scale = tl.load(s_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
             mn = tl.load(z_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
-            xsum = tl.sum(x.to(tl.float32), axis=1)
-            acc += tl.dot(x, codes) * scale[None, :] + xsum[:, None] * mn[None, :]
+            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for j in tl.static_range(8):
+                xj = tl.load(x_rows + (k0 + j + 8 * tl.arange(0, BLOCK_K // 8))[None, :], mask=mask_m[:, None],
+                             other=0.0)
+                codes = ((packed >> (4 * j)) & 0xF).to(xj.dtype)
+                part += tl.dot(xj, codes)
+                xsum += tl.sum(xj.to(tl.float32), axis=1)
+            acc += part * scale[None, :] + xsum[:, None] * mn[None, :]
     if BITS == 8:  # per-output-channel scale, applied once after the sum
         scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         acc = acc * scale[None, :]
@@ -79,21 +86,21 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_stride, 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * w_stride
     if BITS == 4:
-        # K as [BLOCK_K/8 words, 8 nibbles]: the codes never need a reshape.
-        k8 = tl.arange(0, BLOCK_K // 8)
-        nib = tl.arange(0, 8)
-        shifts = nib * 4
+        # Nibble plane j of the [BLOCK_N, BLOCK_K/8] words meets x[k0 + j + 8i]: 2-D all the way.
+        i8 = tl.arange(0, BLOCK_K // 8)
         for k0 in range(0, K, BLOCK_K):
-            packed = tl.load(w_rows + (k0 // 8 + k8)[None, :], mask=mask_n[:, None], other=0)
-            codes = ((packed[:, :, None] >> shifts[None, None, :]) & 0xF).to(tl.float32)
+            packed = tl.load(w_rows + (k0 // 8 + i8)[None, :], mask=mask_n[:, None], other=0)
             g = k0 // BLOCK_K
             scale = tl.load(s_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
             mn = tl.load(z_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
             for m in tl.static_range(M):
-                x = tl.load(x_ptr + m * x_stride + k0 + k8[:, None] * 8 + nib[None, :]).to(tl.float32)
-                dot = tl.sum(tl.sum(codes * x[None, :, :], axis=2), axis=1)
-                part = dot * scale + tl.sum(tl.sum(x, axis=1), axis=0) * mn
-                acc += tl.where(rows[:, None] == m, part[None, :], 0.0)
+                dot = tl.zeros([BLOCK_N], dtype=tl.float32)
+                xsum = 0.0
+                for j in tl.static_range(8):
+                    xj = tl.load(x_ptr + m * x_stride + k0 + j + 8 * i8).to(tl.float32)
+                    dot += tl.sum(((packed >> (4 * j)) & 0xF).to(tl.float32) * xj[None, :], axis=1)
+                    xsum += tl.sum(xj, axis=0)
+                acc += tl.where(rows[:, None] == m, (dot * scale + xsum * mn)[None, :], 0.0)
     else:
         offs_k = tl.arange(0, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
@@ -159,7 +166,7 @@ INT4_DEQUANT_MIN_M = 256
 # Up to this many rows the register GEMV beats tensor-core tiles padded to 16 rows.
 GEMV_MAX_M = 4
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV, by bits (H100 sweep).
-GEMV_TILES = {4: (16, 128, 4, 4), 8: (16, 256, 4, 4)}
+GEMV_TILES = {4: (16, 128, 4, 4), 8: (8, 512, 2, 4)}
 
 
 def _tiles(M: int, bits: int, group: int, on_gpu: bool) -> tuple[int, int, int, int, int]:
@@ -180,7 +187,8 @@ def woq_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: tor
     M, K = x.shape
     N = w.shape[0]
     x = x.contiguous()
-    if bits == 4 and x.is_cuda and M >= INT4_DEQUANT_MIN_M:
+    # Large M is compute-bound; a group under 128 gives code planes under tl.dot's 16-deep minimum.
+    if bits == 4 and x.is_cuda and M > GEMV_MAX_M and (M >= INT4_DEQUANT_MIN_M or group < 128):
         return torch.nn.functional.linear(x, dequantize_int4(w, scales, mins, x.dtype, group))
     fp8 = w.dtype == torch.float8_e4m3fn
     if fp8:
