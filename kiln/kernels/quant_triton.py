@@ -1,19 +1,16 @@
 """Quantized GEMMs in Triton: y = x @ dequant(W)^T for int8, fp8 or packed int4 W.
 
-At decode batch sizes the cost is reading the weights, so the weight-only kernel
-reads the compact codes once, widens them in registers and feeds tensor cores.
-Few output tiles (small N, tiny M) would leave SMs idle, so K is split over
-several programs that add their partial sums into an fp32 buffer.
+Decode (a few rows of x): reading the weights is the whole cost. A register
+GEMV reads each weight tile once along K with vector loads, widens the codes,
+and keeps products elementwise until one reduction per tile. int4 codes sit
+eight to an int32 along K; nibble j of word i is k = 8i + j, so nibble plane j
+meets the strided x slice x[j::8] and the packed tile is never reshaped. With
+w = code * scale + min per group, a group-sized tile contributes
+scale * (x . codes) + min * sum(x): scale and min are applied per output.
 
-int4 (w = code * scale + min per group of K): a K tile is one group, so
-x . w over the tile = scale * (x . codes) + min * sum(x): the codes (0..15,
-exact in bf16) go to the tensor cores as they are and the group's scale and
-min are applied once per output, not once per weight. The eight nibbles of a
-word are eight K-planes, each multiplied with its own strided slice of x, so
-the packed tile is never reshaped.
-
-At prefill sizes the GEMM is compute-bound: the weight is dequantized once
-into a bf16 scratch tile-by-tile and cuBLAS does the rest.
+Larger batches: 8-bit weights go through a tensor-core kernel that widens the
+codes in registers (K split over programs when output tiles are few); int4 is
+dequantized once to a bf16 scratch and cuBLAS does the compute-bound rest.
 """
 from __future__ import annotations
 
@@ -25,9 +22,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _woq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride, s_stride, out_stride,
-                k_per_split, BITS: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _woq_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, x_stride, w_stride, out_stride, k_per_split,
+                FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """8-bit weights [N, K] on tensor cores, for batches past the GEMV's."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -42,33 +39,14 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride
     for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None], other=0.0)
-        if BITS == 8:
-            q = tl.load(w_cols + offs_k[:, None], mask=mask_n[None, :], other=0)
-            if FP8:  # e4m3 codes arrive as bytes (a masked fp8 load cannot take a fill value)
-                w = q.to(tl.float8e4nv, bitcast=True).to(x.dtype)
-            else:
-                w = q.to(x.dtype)
-            acc += tl.dot(x, w)
+        q = tl.load(w_cols + offs_k[:, None], mask=mask_n[None, :], other=0)
+        if FP8:  # e4m3 codes arrive as bytes (a masked fp8 load cannot take a fill value)
+            w = q.to(tl.float8e4nv, bitcast=True).to(x.dtype)
         else:
-            # Nibble j of word i holds k = 8i + j: eight [BLOCK_K/8, BLOCK_N] code planes, each
-            # against the x columns j, j+8, ... (no reshape, so no trip through shared memory).
-            offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-            packed = tl.load(w_cols + offs_w[:, None], mask=mask_n[None, :], other=0)
-            g = k0 // BLOCK_K  # BLOCK_K is the group: one scale and min per column for this tile
-            scale = tl.load(s_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
-            mn = tl.load(z_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
-            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for j in tl.static_range(8):
-                xj = tl.load(x_rows + (k0 + j + 8 * tl.arange(0, BLOCK_K // 8))[None, :], mask=mask_m[:, None],
-                             other=0.0)
-                codes = ((packed >> (4 * j)) & 0xF).to(xj.dtype)
-                part += tl.dot(xj, codes)
-                xsum += tl.sum(xj.to(tl.float32), axis=1)
-            acc += part * scale[None, :] + xsum[:, None] * mn[None, :]
-    if BITS == 8:  # per-output-channel scale, applied once after the sum
-        scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc = acc * scale[None, :]
+            w = q.to(x.dtype)
+        acc += tl.dot(x, w)
+    scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # per output channel, once
+    acc = acc * scale[None, :]
     ptrs = out_ptr + offs_m[:, None].to(tl.int64) * out_stride + offs_n[None, :]
     tl.atomic_add(ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
 
@@ -86,7 +64,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_stride, 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * w_stride
     if BITS == 4:
-        # Nibble plane j of the [BLOCK_N, BLOCK_K/8] words meets x[k0 + j + 8i]: 2-D all the way.
+        # Nibble plane j of the [BLOCK_N, BLOCK_K/8] words meets x[k0 + j + 8i]: 2-D all the way,
+        # elementwise until one reduction per row and tile (scale and min folded in first).
         i8 = tl.arange(0, BLOCK_K // 8)
         for k0 in range(0, K, BLOCK_K):
             packed = tl.load(w_rows + (k0 // 8 + i8)[None, :], mask=mask_n[:, None], other=0)
@@ -94,13 +73,14 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_stride, 
             scale = tl.load(s_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
             mn = tl.load(z_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
             for m in tl.static_range(M):
-                dot = tl.zeros([BLOCK_N], dtype=tl.float32)
-                xsum = 0.0
+                t = tl.zeros([BLOCK_N, BLOCK_K // 8], dtype=tl.float32)
+                xs = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
                 for j in tl.static_range(8):
                     xj = tl.load(x_ptr + m * x_stride + k0 + j + 8 * i8).to(tl.float32)
-                    dot += tl.sum(((packed >> (4 * j)) & 0xF).to(tl.float32) * xj[None, :], axis=1)
-                    xsum += tl.sum(xj, axis=0)
-                acc += tl.where(rows[:, None] == m, (dot * scale + xsum * mn)[None, :], 0.0)
+                    t += ((packed >> (4 * j)) & 0xF).to(tl.float32) * xj[None, :]
+                    xs += xj
+                part = tl.sum(t * scale[:, None] + mn[:, None] * xs[None, :], axis=1)
+                acc += tl.where(rows[:, None] == m, part[None, :], 0.0)
     else:
         offs_k = tl.arange(0, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
@@ -161,21 +141,18 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count if torch.cuda.is_available() else 16
 
 
-# Above this many rows an int4 GEMM is compute-bound: dequantize once, then cuBLAS.
-INT4_DEQUANT_MIN_M = 256
-# Up to this many rows the register GEMV beats tensor-core tiles padded to 16 rows.
-GEMV_MAX_M = 4
+# Up to this many rows the register GEMV beats tensor-core tiles padded to 16 rows (by bits;
+# int4's tensor-core path multiplies 16-deep nibble planes, which only pays off at larger M).
+GEMV_MAX_M = {4: 16, 8: 1}
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV, by bits (H100 sweep).
 GEMV_TILES = {4: (16, 128, 4, 4), 8: (8, 512, 2, 4)}
 
 
-def _tiles(M: int, bits: int, group: int, on_gpu: bool) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), tuned on H100 (benchmarks/kernels.py)."""
+def _tiles(M: int, on_gpu: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the 8-bit tensor-core kernel."""
     if not on_gpu:  # the interpreter: small tiles
-        return 16, 16, (group if bits == 4 else 32), 4, 1
+        return 16, 16, 32, 4, 1
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
-    if bits == 4:
-        return block_m, (64 if M <= 64 else 128), group, 4, 3
     block_n, block_k = (64, 128) if M <= 64 else (128, 64)
     return block_m, block_n, block_k, 4, 3
 
@@ -187,15 +164,14 @@ def woq_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: tor
     M, K = x.shape
     N = w.shape[0]
     x = x.contiguous()
-    # Large M is compute-bound; a group under 128 gives code planes under tl.dot's 16-deep minimum.
-    if bits == 4 and x.is_cuda and M > GEMV_MAX_M and (M >= INT4_DEQUANT_MIN_M or group < 128):
+    if bits == 4 and M > GEMV_MAX_M[4]:  # past the GEMV's batches: dequantize once, then cuBLAS
         return torch.nn.functional.linear(x, dequantize_int4(w, scales, mins, x.dtype, group))
     fp8 = w.dtype == torch.float8_e4m3fn
     if fp8:
         w = w.view(torch.uint8)
     if bits == 4 and (group % 8 or group < 16):
         raise ValueError(f"int4 group size must be a multiple of 8 and >= 16, got {group}")
-    if M <= GEMV_MAX_M:
+    if M <= GEMV_MAX_M[bits]:
         block_n, block_k, warps, stages = GEMV_TILES[bits] if x.is_cuda else (16, 32, 4, 1)
         block_k = group if bits == 4 else block_k
         if K % block_k:
@@ -207,7 +183,7 @@ def woq_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: tor
                                                  BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
                                                  num_stages=stages)
         return out
-    block_m, block_n, block_k, warps, stages = _tiles(M, bits, group, x.is_cuda)
+    block_m, block_n, block_k, warps, stages = _tiles(M, x.is_cuda)
     if K % block_k:
         raise ValueError(f"K={K} must be a multiple of {block_k}")
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
@@ -218,9 +194,8 @@ def woq_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: tor
         splits *= 2
     out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), splits)
-    _woq_kernel[grid](x, w, scales, mins if mins is not None else scales, out, M, N, K, x.stride(0), w.stride(0),
-                      scales.stride(0), out.stride(0), K // splits, BITS=bits, FP8=fp8, BLOCK_M=block_m,
-                      BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    _woq_kernel[grid](x, w, scales, out, M, N, K, x.stride(0), w.stride(0), out.stride(0), K // splits, FP8=fp8,
+                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return out.to(x.dtype)
 
 
