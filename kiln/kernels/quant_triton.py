@@ -64,9 +64,10 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_stride, 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * w_stride
     if BITS == 4:
-        # Nibble plane j of the [BLOCK_N, BLOCK_K/8] words meets x[k0 + j + 8i]: 2-D all the way,
-        # elementwise until one reduction per row and tile (scale and min folded in first).
+        # Nibble plane j of the [BLOCK_N, BLOCK_K/8] words meets x[k0 + j + 8i]. Products stay
+        # elementwise in a [rows, BLOCK_N, BLOCK_K/8] accumulator, reduced once at the end.
         i8 = tl.arange(0, BLOCK_K // 8)
+        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K // 8], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             packed = tl.load(w_rows + (k0 // 8 + i8)[None, :], mask=mask_n[:, None], other=0)
             g = k0 // BLOCK_K
@@ -79,8 +80,12 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_stride, 
                     xj = tl.load(x_ptr + m * x_stride + k0 + j + 8 * i8).to(tl.float32)
                     t += ((packed >> (4 * j)) & 0xF).to(tl.float32) * xj[None, :]
                     xs += xj
-                part = tl.sum(t * scale[:, None] + mn[:, None] * xs[None, :], axis=1)
-                acc += tl.where(rows[:, None] == m, part[None, :], 0.0)
+                contrib = (t * scale[:, None] + mn[:, None] * xs[None, :])[None, :, :]
+                if M == 1:  # row 1 of the pair is padding, never stored
+                    acc3 += contrib
+                else:
+                    acc3 += tl.where(rows[:, None, None] == m, contrib, 0.0)
+        acc = tl.sum(acc3, axis=2)
     else:
         offs_k = tl.arange(0, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
@@ -141,11 +146,10 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count if torch.cuda.is_available() else 16
 
 
-# Up to this many rows the register GEMV beats tensor-core tiles padded to 16 rows (by bits;
-# int4's tensor-core path multiplies 16-deep nibble planes, which only pays off at larger M).
-GEMV_MAX_M = {4: 16, 8: 1}
+# Up to this many rows (by bits) the register GEMV beats the alternatives (H100 sweep).
+GEMV_MAX_M = {4: 4, 8: 1}
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV, by bits (H100 sweep).
-GEMV_TILES = {4: (16, 128, 4, 4), 8: (8, 512, 2, 4)}
+GEMV_TILES = {4: (32, 128, 4, 3), 8: (8, 512, 2, 4)}
 
 
 def _tiles(M: int, on_gpu: bool) -> tuple[int, int, int, int, int]:

@@ -26,6 +26,8 @@ def _check(path: str, device: str) -> None:
         g = got[k]
         assert g.dtype == t.dtype and g.shape == t.shape and g.device.type == device
         assert torch.equal(g.cpu().view(torch.uint8), t.view(torch.uint8)), k
+        if device == "cuda":
+            assert g.data_ptr() % 256 == 0, f"{k} is not aligned for cuBLAS"
 
 
 def test_header_and_cpu_load(tmp_path):
@@ -43,4 +45,6 @@ def test_gpu_load_is_exact_across_chunks(tmp_path, monkeypatch):
     path = str(tmp_path / "w.safetensors")
     save_file(_tensors(), path)
     monkeypatch.setattr(fastload, "CHUNK_BYTES", 100)  # many chunks, both buffers reused, odd boundaries
+    _check(path, "cuda")
+    monkeypatch.setattr(fastload, "CHUNK_BYTES", 1 << 20)  # the whole file in one chunk
     _check(path, "cuda")
