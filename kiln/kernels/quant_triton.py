@@ -136,7 +136,7 @@ def _fp8_per_token_kernel(x_ptr, q_ptr, s_ptr, K, x_stride, q_stride, BLOCK: tl.
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * x_stride + offs, mask=offs < K, other=0.0).to(tl.float32)
-        q = tl.clamp(x / scale, -448.0, 448.0)
+        q = tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0)  # IEEE division, as the reference
         tl.store(q_ptr + row * q_stride + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)
     tl.store(s_ptr + row, scale)
 
@@ -149,7 +149,7 @@ def _num_sms(index: int) -> int:
 # Up to this many rows (by bits) the register GEMV beats the alternatives (H100 sweep).
 GEMV_MAX_M = {4: 4, 8: 1}
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV, by bits (H100 sweep).
-GEMV_TILES = {4: (32, 128, 4, 3), 8: (8, 512, 2, 4)}
+GEMV_TILES = {4: (8, 128, 4, 2), 8: (8, 512, 2, 4)}
 
 
 def _tiles(M: int, on_gpu: bool) -> tuple[int, int, int, int, int]:
