@@ -88,7 +88,9 @@ def main() -> None:
             with open(path) as f:
                 rec = json.load(f)
             figures.update(rec["figures"])
-            parts.append({k: rec[k] for k in ("benchmark", "device", "date", "git_commit", "command")})
+            parts.append({k: rec[k] for k in ("benchmark", "device", "date", "git_commit", "command", "torch")})
+            if rec["device"] != parts[0]["device"]:
+                raise ValueError(f"{path} ran on {rec['device']}, not {parts[0]['device']}")
     else:
         for run in args.runs:
             cmd = [sys.executable, os.path.abspath(__file__), "--child", run, "--requests", str(args.requests),
@@ -106,7 +108,8 @@ def main() -> None:
 def save(name: str, figures: dict, parts: list) -> str:
     from benchmarks.common import write_result
 
-    extra = {"parts": parts} if parts else {}
+    # A merged file is the parts' device and torch, not this machine's.
+    extra = {"parts": parts, "device": parts[0]["device"], "torch": parts[0]["torch"]} if parts else {}
     return write_result(name, figures, model="Llama-3.1 shapes, random weights",
                         targets={"build_seconds_8b": 60, "load_seconds": 15, "fp8_throughput_vs_bf16": 1.4,
                                  "int4_batch1_speedup_vs_bf16": 2.5}, **extra)
@@ -126,7 +129,7 @@ def compare(figures: dict, workload: list[str]) -> None:
         b1 = f["batch1_decode"]
         print(f"{run:14s} {f['build_seconds']:8.1f} {f['load_seconds']:7.1f} {b1['ms_per_token']:7.2f} "
               f"{b1['floor_ms']:6.2f} {tps}")
-        if "error" not in base and run != "none" and "batch1_decode" in base:
+        if "error" not in base and run != "none" and "batch1_decode" in base and RUNS[run][0] == RUNS["none"][0]:
             f["batch1_speedup_vs_bf16"] = round(base["batch1_decode"]["ms_per_token"] / b1["ms_per_token"], 2)
             key = "in128_out128"
             if key in f and key in base:
