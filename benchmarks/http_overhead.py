@@ -1,6 +1,7 @@
 """What the HTTP path costs per token: `kiln serve` vs `LLM.generate` on the same engine.
 
     python benchmarks/http_overhead.py --model llama-3.1-8b --random-weights --name http-overhead-h100
+    python benchmarks/http_overhead.py --tiny --device cpu --name http-overhead-cpu-tiny   # CPU smoke run
 
 The same R requests (random token-id prompts of I tokens, O output tokens, EOS
 ignored) run twice: once through LLM.generate in-process, once through
@@ -8,6 +9,10 @@ ignored) run twice: once through LLM.generate in-process, once through
 detokenization, SSE) with the OpenAI client streaming. Mean TPOT is
 (last token - first token) / (tokens - 1) per request. Target: the HTTP path
 adds < 5% to mean TPOT.
+
+`--tiny` serves a 2-layer, 64-wide Llama with random weights and a synthetic
+tokenizer: its CPU step takes milliseconds, as a large model's GPU step does,
+so the per-token cost of the HTTP path shows on a CPU too.
 """
 from __future__ import annotations
 
@@ -24,6 +29,24 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def tiny_model(path: str) -> str:
+    """A tiny random-weight Llama directory (config.json + synthetic tokenizer) at `path`."""
+    from kiln.tokenizer import Tokenizer
+
+    os.makedirs(path, exist_ok=True)
+    vocab, eos = 32000, 2
+    cfg = {"architectures": ["LlamaForCausalLM"], "vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "max_position_embeddings": 4096, "eos_token_id": eos}
+    tk = Tokenizer.synthetic(vocab, eos)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    tk.tk.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": tk.chat_template, "eos_token": tk.eos_token}, f)
+    return path
 
 
 def prompts(args) -> list[list[int]]:
@@ -67,6 +90,7 @@ def http_tpot(args) -> dict:
     cmd += ["--model", args.model] if args.model else []
     cmd += ["--random-weights"] if args.random_weights else []
     cmd += ["--kv-cache-bytes", str(args.kv_cache_bytes)] if args.kv_cache_bytes else []
+    cmd += ["--stream-events-per-s", str(args.stream_events_per_s)] if args.stream_events_per_s is not None else []
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
     base = f"http://127.0.0.1:{port}"
@@ -83,7 +107,7 @@ def http_tpot(args) -> dict:
             time.sleep(1)
         with urllib.request.urlopen(base + "/v1/models", timeout=30) as r:
             model = json.loads(r.read())["data"][0]["id"]
-        tpots, lock = [], threading.Lock()
+        tpots, events, lock = [], [], threading.Lock()
 
         def one(p, record=True) -> None:
             # Plain http.client + SSE parsing: the GPU machines have no openai package.
@@ -106,6 +130,7 @@ def http_tpot(args) -> dict:
                 assert n == args.output_len, n
                 with lock:
                     tpots.append((stamps[-1] - stamps[0]) / (args.output_len - 1))
+                    events.append(len(stamps))
 
         one(prompts(args)[0], record=False)  # warm up
         threads = [threading.Thread(target=one, args=(p,)) for p in prompts(args)]
@@ -122,7 +147,8 @@ def http_tpot(args) -> dict:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
     return {"mean_tpot_ms": statistics.mean(tpots) * 1e3, "wall_s": wall,
-            "output_tok_s": args.requests * args.output_len / wall}
+            "output_tok_s": args.requests * args.output_len / wall,
+            "tokens_per_event": args.output_len / statistics.mean(events)}
 
 
 def main() -> None:
@@ -136,8 +162,15 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--kv-cache-bytes", type=int, default=None)
+    ap.add_argument("--tiny", action="store_true", help="a tiny random-weight model (CPU runs; see above)")
+    ap.add_argument("--stream-events-per-s", type=float, default=None, help="kiln serve's (default: its default)")
     ap.add_argument("--part", choices=["engine", "http"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.tiny:
+        import tempfile
+
+        args.model = tiny_model(os.path.join(tempfile.gettempdir(), "kiln-http-overhead-tiny"))
+        args.random_weights = True
     if args.part:
         print("RESULT " + json.dumps(engine_tpot(args) if args.part == "engine" else http_tpot(args)), flush=True)
         return
@@ -154,9 +187,11 @@ def main() -> None:
         print(part, figures[part], flush=True)
     figures["tpot_overhead"] = figures["http"]["mean_tpot_ms"] / figures["engine"]["mean_tpot_ms"] - 1
     print(f"HTTP path adds {figures['tpot_overhead'] * 100:.1f}% to mean TPOT (target < 5%)")
-    print("wrote", write_result(args.name, figures, model=args.model or "SmolLM2-135M-Instruct",
+    model = "tiny" if args.tiny else args.model or "SmolLM2-135M-Instruct"
+    print("wrote", write_result(args.name, figures, model=model,
                                 workload={"requests": args.requests, "input_len": args.input_len,
-                                          "output_len": args.output_len}))
+                                          "output_len": args.output_len,
+                                          "stream_events_per_s": args.stream_events_per_s}))
 
 
 if __name__ == "__main__":

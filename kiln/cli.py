@@ -86,7 +86,8 @@ def _serve_config(args: argparse.Namespace):
                        num_replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                        target_ongoing_requests=args.target_ongoing_requests, upscale_delay_s=args.upscale_delay,
                        downscale_delay_s=args.downscale_delay, host=args.host, port=args.port,
-                       api_key=args.api_key or os.environ.get("KILN_API_KEY"), model_name=args.served_model_name)
+                       api_key=args.api_key or os.environ.get("KILN_API_KEY"), model_name=args.served_model_name,
+                       stream_events_per_s=args.stream_events_per_s)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -251,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or KILN_API_KEY)")
     g.add_argument("--served-model-name", default=None, help="the model name clients send")
+    g.add_argument("--stream-events-per-s", type=float, default=1000.0,
+                   help="streamed messages per second over all requests, at most; with many streams each "
+                        "message carries several tokens (0: one per engine step per stream)")
     g.add_argument("--detach", action="store_true", help="deploy and return, leaving the app running")
     _engine_args(sv)
     sv.set_defaults(func=cmd_serve)

@@ -308,12 +308,18 @@ class ServeConfig:
     api_key: str | None = None
     model_name: str | None = None  # the name clients send as "model" (default: derived from the model)
     app_name: str = "kiln"
+    # Streamed messages (server-sent events) per second the ingress sends, at most, over all requests:
+    # each stream gets an equal share, and a stream's tokens in between go out together in its next
+    # message (first and last tokens at once). The HTTP path's cost then stops growing with the number
+    # of streams. 0: a message per engine step for every stream.
+    stream_events_per_s: float = 1000.0
 
     def __post_init__(self) -> None:
         _positive("num_replicas", self.num_replicas)
         _positive("target_ongoing_requests", self.target_ongoing_requests)
         _positive("upscale_delay_s", self.upscale_delay_s, allow_zero=True)
         _positive("downscale_delay_s", self.downscale_delay_s, allow_zero=True)
+        _positive("stream_events_per_s", self.stream_events_per_s, allow_zero=True)
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         lo = self.min_replicas if self.min_replicas is not None else self.num_replicas

@@ -4,18 +4,23 @@ and a replica deployment whose every replica owns a TP x PP group of GPUs.
     app = build_app(ServeConfig(...))        # or, from a Serve config file:
     import_path: kiln.cluster.deployment:app_builder   args: ServeConfig.to_dict()
 
-A replica runs the engine loop in a thread and streams msgpack chunks back;
-it reports its KV events and load to the ingress in numbered messages. The
+A replica runs the engine loop in a thread. Its tokens go back to the ingress
+multiplexed: one output stream per (ingress, replica) pair carries msgpack
+chunks of all that ingress's requests (streams.py); each request's own call
+only reports acceptance, errors and the end. A replica reports its KV events
+and load to the ingress in numbered messages. The
 ingress's Router ranks replicas for each request, and Serve's request-router
 hook (KilnRequestRouter) follows that ranking.
 """
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import threading
 import time
+import uuid
 from collections import deque
 
 from ray import serve
@@ -26,6 +31,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 from kiln.cluster import router as router_registry
 from kiln.cluster.protocol import Chunk, Report, pack_request, unpack_request
 from kiln.cluster.router import Router
+from kiln.cluster.streams import Demux, Outbox
 from kiln.cluster.server import OpenAIServer, build_fastapi
 from kiln.config import SamplingParams, ServeConfig
 from kiln.workers.loaders import resolve_model
@@ -34,7 +40,17 @@ log = logging.getLogger("kiln.serve")
 
 INGRESS = "KilnIngress"
 REPLICA = "KilnReplica"
-REPORT_EVERY_S = 0.5  # load reports while idle; KV events go out after every step that has some
+REPORT_EVERY_S = 0.5  # load reports while idle
+KV_REPORT_EVERY_S = 0.05  # KV events go out at most this often (blocks fill every few steps while decoding)
+ORPHAN_CHECK_S = 10.0  # a request whose output nobody has read for ORPHAN_AFTER_S is aborted
+ORPHAN_AFTER_S = 60.0
+
+
+def _detached(call, *args, **kwargs):
+    """Make a Serve handle call outside the HTTP request's context. Serve gives calls made in that
+    context the request's internal id, and two concurrent ones (the prompts of one completions call)
+    then collide in its router's bookkeeping, where one is never routed; we cancel our calls ourselves."""
+    return contextvars.Context().run(call, *args, **kwargs)
 
 
 def default_model_name(cfg: ServeConfig) -> str:
@@ -57,6 +73,9 @@ class KilnRequestRouter(RequestRouter):
         if router is None or not candidate_replicas:
             return [candidate_replicas]
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        if route.get("replica"):  # a replica's output stream; if that replica is gone, any one refuses it
+            target = by_id.get(route["replica"])
+            return [[target]] if target is not None else [candidate_replicas]
         router.set_replicas([rid.unique_id for rid in self.curr_replicas])
         if route.get("sticky"):  # an abort must reach the replica that runs the request
             target = router.assigned(route["id"])
@@ -102,43 +121,69 @@ class KilnReplica:
         self._ingress = serve.get_deployment_handle(INGRESS, app_name=cfg.app_name)
         self._cv = threading.Condition()
         self._inbox: list[tuple] = []
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._remaining: dict[str, int] = {}
+        self._outbox = Outbox(self.replica_id)  # lives on the event loop that runs generate/outputs
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._remaining: dict[str, int] = {}  # engine thread: outputs each request has still to finish
         self._error: str | None = None
         self._stop = False
         self._seq = 0
         self._last_report = 0.0
         self._last_load: dict = {}
+        self._kv: list = []  # KV events not yet reported
         self._sent: deque = deque(maxlen=32)  # keep report responses referenced until sent
-        self._thread = threading.Thread(target=self._loop, name="kiln-engine", daemon=True)
+        self._thread = threading.Thread(target=self._loop_thread, name="kiln-engine", daemon=True)
         self._thread.start()
 
     # -- requests (called by the ingress through Serve) ----------------------------
 
-    async def generate(self, request: bytes, route: dict | None = None):
-        """Stream msgpack chunks of sampled tokens for one request."""
+    async def generate(self, request: bytes, channel: str = "", route: dict | None = None):
+        """Run one request. Yields an empty chunk once accepted (its tokens go out on `channel`'s
+        output stream, see `outputs`), a chunk with an error if it fails, and ends when its output is out."""
         request_id, prompt, params = unpack_request(request)
-        queue: asyncio.Queue = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        if self._error is not None:
+            yield Chunk(self.replica_id, error={"status": 503, "message": self._error}).pack()
+            return
+        try:
+            self.executor.validate(prompt, params)
+        except ValueError as e:
+            yield Chunk(self.replica_id, error={"status": 400, "message": str(e)}).pack()
+            return
+        done = self._outbox.register(request_id, channel)
         with self._cv:
-            if self._error is not None:
-                yield Chunk(self.replica_id, error={"status": 503, "message": self._error}).pack()
-                return
-            self._queues[request_id] = (asyncio.get_running_loop(), queue)
             self._inbox.append(("add", request_id, prompt, params))
             self._cv.notify()
         finished = False
         try:
+            yield Chunk(self.replica_id).pack()
             while True:
-                chunk, finished = await queue.get()
-                yield chunk.pack()
-                if finished:
-                    return
+                try:
+                    error = await asyncio.wait_for(asyncio.shield(done), ORPHAN_CHECK_S)
+                    break
+                except asyncio.TimeoutError:
+                    if self._outbox.orphaned(request_id, ORPHAN_AFTER_S):
+                        log.warning("request %s: nobody has read its output for %ss; aborting it",
+                                    request_id, ORPHAN_AFTER_S)
+                        return
+            finished = True
+            if error is not None:
+                yield Chunk(self.replica_id, error=error).pack()
         finally:
-            with self._cv:
-                self._queues.pop(request_id, None)
-                if not finished:  # the client went away (or the stream was cancelled): free its work
+            if not finished:  # the client went away (or the stream was cancelled): free its work
+                self._outbox.drop(request_id)
+                with self._cv:
                     self._inbox.append(("abort", request_id, None))
                     self._cv.notify()
+
+    async def outputs(self, channel: str, replica: str, route: dict | None = None):
+        """The token stream of every request from one ingress (`channel`), one msgpack Chunk per batch."""
+        if replica != self.replica_id:  # the replica asked for is gone and Serve sent this elsewhere
+            raise ValueError(f"replica {replica} is not running (this is {self.replica_id})")
+        if self._error is not None:
+            raise RuntimeError(self._error)
+        self._loop = asyncio.get_running_loop()
+        async for data in self._outbox.stream(channel):
+            yield data
 
     async def abort(self, request_id: str, index: int | None = None, route: dict | None = None) -> None:
         with self._cv:
@@ -158,14 +203,14 @@ class KilnReplica:
             self.executor.shutdown()
 
     # -- the engine thread ---------------------------------------------------------
+    # It touches no asyncio state: each step's output goes to the event loop in one call.
 
-    def _post(self, request_id: str, chunk: Chunk, finished: bool) -> None:
-        target = self._queues.get(request_id)
-        if target is not None:
-            loop, queue = target
-            loop.call_soon_threadsafe(queue.put_nowait, (chunk, finished))
+    def _post(self, fn, *args) -> None:
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(fn, *args)
 
-    def _loop(self) -> None:
+    def _loop_thread(self) -> None:
         ex = self.executor
         while not self._stop:
             with self._cv:
@@ -179,8 +224,7 @@ class KilnReplica:
                         ex.add_request(rid, prompt, params)
                         self._remaining[rid] = params.n
                     except ValueError as e:
-                        with self._cv:
-                            self._post(rid, Chunk(self.replica_id, error={"status": 400, "message": str(e)}), True)
+                        self._post(self._outbox.fail, rid, {"status": 400, "message": str(e)})
                 elif item[1] in self._remaining:
                     ex.abort_request(item[1], item[2])
                     if item[2] is None:  # the whole request: nobody waits for its stream any more
@@ -195,27 +239,28 @@ class KilnReplica:
             self._report()
 
     def _deliver(self, events, aborted) -> None:
-        by_request: dict[str, Chunk] = {}
+        remaining = self._remaining
+        rows, gone, done = [], [], []
+
+        def finish_one(rid: str) -> None:
+            left = remaining[rid] - 1
+            if left > 0:
+                remaining[rid] = left
+            else:
+                del remaining[rid]
+                done.append(rid)
+
         for ev in events:
-            if ev.request_id not in self._remaining:
-                continue
-            chunk = by_request.setdefault(ev.request_id, Chunk(self.replica_id))
-            chunk.events.append(ev.pack())
-            if ev.finished:
-                self._remaining[ev.request_id] = self._remaining.get(ev.request_id, 1) - 1
+            if ev.request_id in remaining:
+                rows.append(ev.pack())
+                if ev.finished:
+                    finish_one(ev.request_id)
         for rid, index in aborted:
-            if rid not in self._remaining:
-                continue
-            by_request.setdefault(rid, Chunk(self.replica_id)).aborted.append([rid, index])
-            self._remaining[rid] = self._remaining.get(rid, 1) - 1
-        load = self._load()
-        with self._cv:
-            for rid, chunk in by_request.items():
-                chunk.load = load
-                done = self._remaining.get(rid, 0) <= 0
-                if done:
-                    self._remaining.pop(rid, None)
-                self._post(rid, chunk, done)
+            if rid in remaining:
+                gone.append([rid, index])
+                finish_one(rid)
+        if rows or gone:
+            self._post(self._outbox.publish, rows, gone, done)
 
     def _load(self) -> dict:
         s = self.executor.last_stats
@@ -224,23 +269,24 @@ class KilnReplica:
                 "prefix_queries": s.get("prefix_cache_queries", 0)}
 
     def _report(self) -> None:
-        kv = [list(e) for e in self.executor.take_kv_events()]
+        self._kv.extend(self.executor.take_kv_events())
         now = time.monotonic()
+        since = now - self._last_report
+        if since < KV_REPORT_EVERY_S:  # while decoding, blocks fill every few steps: batch their events
+            return
         load = self._load()
-        if not kv and (now - self._last_report < REPORT_EVERY_S or (load == self._last_load and
-                                                                    now - self._last_report < 10)):
+        if not self._kv and (since < REPORT_EVERY_S or (load == self._last_load and since < 10)):
             return
         self._last_report, self._last_load = now, load
-        report = Report(self.replica_id, self._seq, kv, load)
+        report = Report(self.replica_id, self._seq, [list(e) for e in self._kv], load)
+        self._kv = []
         self._seq += 1
         self._sent.append(self._ingress.report.remote(report.pack()))
 
     def _fail(self, reason: str) -> None:
         log.error("%s", reason)
-        with self._cv:
-            self._error = reason
-            for rid in list(self._queues):
-                self._post(rid, Chunk(self.replica_id, error={"status": 503, "message": reason}), True)
+        self._error = reason
+        self._post(self._outbox.fail_all, {"status": 503, "message": reason})
 
 
 @serve.ingress()
@@ -258,6 +304,8 @@ class KilnIngress:
         self.router = Router(cfg.router)
         router_registry.register(cfg.app_name, self.router)
         self.replicas = replicas
+        self.channel = uuid.uuid4().hex  # names this ingress to the replicas' output streams
+        self.demux = Demux(self._open_outputs)
         max_len = cfg.engine.scheduler.max_model_len or source.config.max_position_embeddings
         self.server = OpenAIServer(self, source.tokenizer, cfg, default_model_name(cfg), max_len, self.router)
 
@@ -271,19 +319,61 @@ class KilnIngress:
     # -- Backend for OpenAIServer ----------------------------------------------------
 
     async def stream(self, request_id: str, prompt: list[int], params: SamplingParams, hashes: list[int]):
-        gen = self.replicas.options(stream=True).generate.remote(
-            pack_request(request_id, prompt, params), route={"id": request_id, "hashes": hashes})
-        finished = False
+        """The request's output, a Chunk per batch of tokens (all that arrived since the consumer last asked)."""
+        box = self.demux.open(request_id)
+        gen = _detached(self.replicas.options(stream=True).generate.remote,
+                        pack_request(request_id, prompt, params), self.channel,
+                        route={"id": request_id, "hashes": hashes})
+        watch = None
         try:
-            async for data in gen:
-                yield Chunk.unpack(data)
-            finished = True
+            try:
+                first = Chunk.unpack(await gen.__anext__())
+            except StopAsyncIteration:
+                first = Chunk("", error={"status": 503, "message": "the replica ended the request"})
+            if first.error:
+                box.done = True
+                yield first
+                return
+            self.demux.attach(request_id, first.replica)
+            watch = asyncio.create_task(self._watch(gen, box, first.replica))
+            last, hold, rate = False, 0.0, self.cfg.stream_events_per_s
+            while not last:
+                chunk, last = await box.take(hold)
+                yield chunk
+                # This stream's share of the messages-per-second budget (ServeConfig.stream_events_per_s):
+                # each message costs a Ray object to the HTTP proxy and an SSE event, however few tokens
+                # it holds; with many streams, one carries the tokens of several steps.
+                if rate:
+                    hold = time.monotonic() + self.demux.active / rate
         finally:
-            if not finished:
+            self.demux.close(request_id)
+            if watch is not None:
+                watch.cancel()
+            if not box.done:
                 gen.cancel()  # reaches the replica's generator, which aborts the request
 
+    @staticmethod
+    async def _watch(gen, box, replica: str) -> None:
+        """The request's own Serve call: it ends once the output is out, or brings an error."""
+        try:
+            async for data in gen:
+                chunk = Chunk.unpack(data)
+                if chunk.error:
+                    box.put(replica, error=chunk.error)
+            return
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise  # the request is over
+            error = "the request was cancelled"
+        except Exception as e:  # noqa: BLE001 - the replica died: the request fails, the server keeps serving
+            error = f"failed: {e}"
+        box.put(replica, error={"status": 503, "message": f"replica {replica}: {error}"})
+
+    def _open_outputs(self, replica: str):
+        return self.replicas.options(stream=True).outputs.remote(self.channel, replica, route={"replica": replica})
+
     async def abort(self, request_id: str, index: int | None) -> None:
-        await self.replicas.abort.remote(request_id, index, route={"id": request_id, "sticky": True})
+        await _detached(self.replicas.abort.remote, request_id, index, route={"id": request_id, "sticky": True})
 
     async def ready(self) -> tuple[bool, dict]:
         status = await asyncio.to_thread(serve.status)
@@ -339,11 +429,19 @@ def _cluster_has_gpus() -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
+# The ingress runs its code, and Serve's router, on the replica's own event loop rather than on
+# threads of their own (Serve's "throughput optimized" settings): every streamed message otherwise
+# crosses threads (and the GIL) on its way to the HTTP proxy, and Router state is touched by one
+# thread only. Its handlers never block for long (tokenizing a prompt is the longest).
+_INGRESS_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
+
 def build_app(cfg: ServeConfig):
     """The Serve application for `cfg` (what `serve.run` takes)."""
     replica = serve.deployment(KilnReplica, name=REPLICA, **_replica_options(cfg))
     ingress = serve.deployment(KilnIngress, name=INGRESS, num_replicas=1, max_ongoing_requests=100_000,
-                               ray_actor_options={"num_cpus": 0.01}, logging_config={"enable_access_log": False})
+                               ray_actor_options={"num_cpus": 0.01, "runtime_env": {"env_vars": _INGRESS_ENV}},
+                               logging_config={"enable_access_log": False})
     return ingress.bind(replica.bind(cfg.to_dict()), cfg.to_dict())
 
 

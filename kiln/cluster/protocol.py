@@ -5,7 +5,10 @@ request path, and either side can be written in another language.
 
 Request  {"id", "prompt": [token ids], "params": SamplingParams dict}
 Chunk    {"replica": id, "events": [TokenEvent rows], "aborted": [[request id, index]],
-          "error": {"status": HTTP status, "message": str} | None, "load": {...}}
+          "error": {"status": HTTP status, "message": str} | None, "done": [request ids]}
+         A replica's output stream to one ingress carries chunks of many requests (rows and
+         aborts name their request; "done" lists those whose output is complete); a request's
+         own `generate` call yields an empty chunk on acceptance and, if it fails, one with "error".
 Report   {"replica": id, "seq": n, "kv": [KV events], "load": {...}}  (replica -> router, in order by seq)
 KV event ["stored", hash, parent hash | None] or ["evicted", hash]
 """
@@ -33,11 +36,11 @@ class Chunk:
     events: list[list] = field(default_factory=list)
     aborted: list[list] = field(default_factory=list)
     error: dict | None = None
-    load: dict = field(default_factory=dict)
+    done: list[str] = field(default_factory=list)
 
     def pack(self) -> bytes:
         return msgpack.packb({"replica": self.replica, "events": self.events, "aborted": self.aborted,
-                              "error": self.error, "load": self.load})
+                              "error": self.error, "done": self.done})
 
     @classmethod
     def unpack(cls, data: bytes) -> "Chunk":

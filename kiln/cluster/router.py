@@ -75,6 +75,7 @@ class Router:
         self.replicas: list[str] = []
         self._rr = itertools.count()
         self._assigned: dict[str, str] = {}  # request id -> replica
+        self._admitted: set[str] = set()  # admitted, not yet routed: they hold a place too
         # Reports arrive over concurrent calls; apply each replica's in sequence order.
         self._next_seq: dict[str, int] = defaultdict(int)
         self._held: dict[str, dict[int, tuple[list, dict]]] = defaultdict(dict)
@@ -109,6 +110,7 @@ class Router:
             r.prefix_hits, r.prefix_queries = load.get("prefix_hits", 0), load.get("prefix_queries", 0)
 
     def routed(self, request_id: str, replica: str) -> None:
+        self._admitted.discard(request_id)
         if request_id not in self._assigned:
             self._assigned[request_id] = replica
             self.loads[replica].inflight += 1
@@ -117,17 +119,26 @@ class Router:
         return self._assigned.get(request_id)
 
     def finished(self, request_id: str) -> None:
+        self._admitted.discard(request_id)
         replica = self._assigned.pop(request_id, None)
         if replica is not None:
             self.loads[replica].inflight = max(0, self.loads[replica].inflight - 1)
 
     # -- decisions -------------------------------------------------------------
 
-    def admit(self) -> None:
-        """Raise Overloaded when no replica can take another request."""
+    def admit(self, request_id: str | None = None) -> None:
+        """Raise Overloaded when no replica can take another request.
+
+        Serve routes a request a little after it is admitted; until then (`routed` or `finished`)
+        an admitted `request_id` counts against the free places, so a burst cannot overfill them.
+        """
         cap = self.config.max_queued_per_replica
-        if self.replicas and all(self.loads[r].inflight >= cap for r in self.replicas):
-            raise Overloaded(f"all {len(self.replicas)} replicas have {cap} requests queued")
+        if self.replicas:
+            free = sum(max(0, cap - self.loads[r].inflight) for r in self.replicas)
+            if free <= len(self._admitted):
+                raise Overloaded(f"all {len(self.replicas)} replicas have {cap} requests queued")
+        if request_id is not None:
+            self._admitted.add(request_id)
 
     def rank(self, candidates: list[str], hashes: list[int]) -> list[str]:
         """Candidates, best first. Full replicas go last (Serve still needs somewhere to send)."""

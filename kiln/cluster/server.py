@@ -31,6 +31,8 @@ from kiln.scheduler.block_manager import prompt_block_hashes
 from kiln.tokenizer import Tokenizer
 from kiln.workers.executor import TokenEvent
 
+DISCONNECT_CHECK_S = 1.0
+
 
 class Backend(Protocol):
     """How the server reaches replicas (Ray Serve handles in deployment.py)."""
@@ -82,16 +84,16 @@ class OpenAIServer:
     async def _run(self, prompt_ids: list[int], params: SamplingParams, prompt_text: str | None,
                    is_disconnected=None) -> AsyncIterator[RequestState]:
         """Yield the request's state after each chunk of tokens, until it finishes."""
+        request_id = uuid.uuid4().hex
+        state = RequestState(request_id, prompt_text, prompt_ids, params, self.tokenizer)
+        hashes = prompt_block_hashes(prompt_ids, self.block_size)
         try:
-            self.router.admit()
+            self.router.admit(request_id)
         except Overloaded as e:
             self.metrics.rejected.inc()
             raise APIError(429, f"server overloaded: {e}; retry shortly", type_="rate_limit_exceeded",
                            headers={"Retry-After": str(self.config.router.retry_after_s)}) from None
-        request_id = uuid.uuid4().hex
-        state = RequestState(request_id, prompt_text, prompt_ids, params, self.tokenizer)
-        hashes = prompt_block_hashes(prompt_ids, self.block_size)
-        t0 = time.perf_counter()
+        t0 = checked = time.perf_counter()
         first = last = None
         replica = ""
         stream = self.backend.stream(request_id, prompt_ids, params, hashes)
@@ -119,15 +121,19 @@ class OpenAIServer:
                     if first is None:
                         first = now
                         self.metrics.ttft.labels(replica).observe(now - t0)
-                    elif n0:
+                    elif n0:  # a message may carry several tokens: spread the gap over them
+                        itl = self.metrics.itl.labels(replica)
                         for _ in range(n0):
-                            self.metrics.itl.labels(replica).observe((now - last) / n0)
+                            itl.observe((now - last) / n0)
                     last = now
                 yield state
                 if state.finished:
                     break
-                if is_disconnected is not None and await is_disconnected():
-                    break
+                # Asking costs an ASGI receive per message; checking now and then is enough.
+                if is_disconnected is not None and now - checked > DISCONNECT_CHECK_S:
+                    checked = now
+                    if await is_disconnected():
+                        break
         finally:
             await stream.aclose()  # if we stop early (disconnect, error), the replica aborts the request
             self.router.finished(request_id)
@@ -393,6 +399,26 @@ def _completion_logprobs(entries: list[dict], token_ids: list[int], n: int, star
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
+class _APIKey:
+    """Checks `Authorization: Bearer KEY` on /v1/*. Plain ASGI: Starlette's BaseHTTPMiddleware would
+    relay every streamed chunk through an extra in-memory stream and task switch."""
+
+    def __init__(self, app, server: OpenAIServer) -> None:
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope, receive, send) -> None:
+        key = self.server.config.api_key
+        if key and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            want = f"Bearer {key}".encode()
+            if dict(scope["headers"]).get(b"authorization") != want:
+                body = APIError(401, "missing or wrong API key (Authorization: Bearer ...)",
+                                type_="authentication_error", code="invalid_api_key").body()
+                await JSONResponse(body, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def build_fastapi(server: OpenAIServer) -> FastAPI:
     app = FastAPI(title="kiln", version="0.1.0", docs_url=None, redoc_url=None)
 
@@ -413,15 +439,7 @@ def build_fastapi(server: OpenAIServer) -> FastAPI:
         server.metrics.errors.labels("400").inc()
         return JSONResponse(APIError(400, msg, param=param).body(), status_code=400)
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        key = server.config.api_key
-        if key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization") != f"Bearer {key}":
-                return JSONResponse(APIError(401, "missing or wrong API key (Authorization: Bearer ...)",
-                                             type_="authentication_error", code="invalid_api_key").body(),
-                                    status_code=401)
-        return await call_next(request)
+    app.add_middleware(_APIKey, server=server)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:

@@ -75,6 +75,21 @@ def test_admission_control():
     assert r.rank(["a", "b"], [])[0] == "a"  # the one with room comes first
 
 
+def test_admitted_requests_hold_places_until_routed():
+    """A burst arrives before Serve has routed any of it: admitted requests count as queued."""
+    r = Router(RouterConfig(max_queued_per_replica=2))
+    r.set_replicas(["a", "b"])
+    for i in range(4):
+        r.admit(str(i))
+    with pytest.raises(Overloaded):
+        r.admit("4")
+    r.routed("0", "a")  # routing moves a place from admitted to the replica: still full
+    with pytest.raises(Overloaded):
+        r.admit("4")
+    r.finished("1")  # a request that ends before it was routed gives its place back
+    r.admit("4")
+
+
 def test_reports_apply_in_sequence_order():
     r = Router(RouterConfig())
     r.set_replicas(["a"])

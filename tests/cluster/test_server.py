@@ -47,7 +47,9 @@ def server():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--replicas", "2", "--port", str(port),
                              "--device", "cpu", "--kv-cache-bytes", str(1 << 27), "--api-key", KEY,
-                             "--max-queued", "3", "--max-model-len", "2048"],
+                             "--max-queued", "3", "--max-model-len", "2048",
+                             # a small budget of streamed messages: streams batch several tokens per event
+                             "--stream-events-per-s", "10"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -129,6 +131,27 @@ def test_completions_stop_seed_logprobs_n(client):
     assert [c.index for c in r.choices] == [0, 1]
 
 
+def test_concurrent_streams_get_every_token_in_order(client):
+    """Six streams at once, multiplexed on the replicas' output streams and batched into few events each:
+    every stream gets all its tokens, in order, as the same text non-streaming requests get."""
+    kw = dict(model=MODEL, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    prompts = [", ".join(str(k + i) for i in range(4)) + "," for k in range(1, 7)]  # "1, 2, 3, 4," ...
+
+    def streamed(prompt):
+        chunks = list(client.completions.create(prompt=prompt, stream=True, stream_options={"include_usage": True},
+                                                **kw))
+        texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+        return "".join(texts), len(texts), chunks[-1].usage.completion_tokens
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(streamed, prompts))
+        want = list(pool.map(lambda p: client.completions.create(prompt=p, **kw).choices[0].text, prompts))
+    for k, ((text, _, n), expected) in enumerate(zip(got, want), start=1):
+        assert n == 24 and text == expected
+        assert text.startswith(f" {k + 4}, {k + 5}, {k + 6},"), text
+    assert sum(events for _, events, _ in got) < len(prompts) * 24 * 3 // 4  # events carry several tokens
+
+
 @pytest.mark.parametrize("body, status, param", [
     (b"{not json", 400, None),
     (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": "ten"}), 400,
@@ -196,6 +219,38 @@ def _running(server) -> float:
     fam = {f.name: f for f in text_string_to_metric_families(_get(server + "/metrics")[1].decode())}
     return sum(s.value for name in ("kiln:num_requests_routed", "kiln:num_requests_running")
                for s in fam[name].samples)
+
+
+def _open_stream(server, body: dict):
+    import http.client
+    from urllib.parse import urlparse
+
+    url = urlparse(server)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps(body),
+                 {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.readline().startswith(b"data: ")
+    return conn, resp
+
+
+def test_hang_ups_leave_the_other_streams_of_their_replica_alone(server):
+    """Streams of one replica share its output stream: clients that go away must not take it down."""
+    body = {"model": MODEL, "prompt": "Tell me a story:", "max_tokens": 48, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    streams = [_open_stream(server, body) for _ in range(4)]  # two a replica (least loaded)
+    for conn, _ in streams[:3]:
+        conn.sock.close()
+        conn.close()
+    events = [json.loads(line[6:]) for line in streams[3][1] if line.startswith(b"data: {")]
+    assert events[-1]["usage"]["completion_tokens"] == 48
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    streams[3][0].close()
+    deadline = time.monotonic() + 30
+    while _running(server) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _running(server) == 0
 
 
 def test_disconnect_aborts_and_overload_gets_429(server, client):

@@ -88,7 +88,8 @@ dataclasses `kiln serve` uses (tests/helm checks that the two agree field for fi
     "port" (int .Values.service.port)
     "api_key" nil
     "model_name" (ternary nil .Values.model.servedName (eq .Values.model.servedName ""))
-    "app_name" "kiln" -}}
+    "app_name" "kiln"
+    "stream_events_per_s" (float64 $s.streamEventsPerSecond) -}}
 {{- $app := dict "name" "kiln" "route_prefix" "/" "import_path" "kiln.cluster.deployment:app_builder" "args" $args -}}
 {{- $cfg := dict "proxy_location" "HeadOnly"
     "http_options" (dict "host" "0.0.0.0" "port" (int .Values.service.port))
