@@ -8,7 +8,10 @@ ignored) run twice: once through LLM.generate in-process, once through
 `kiln serve` (one replica: Ray Serve, the router, msgpack chunks, incremental
 detokenization, SSE) with the OpenAI client streaming. Mean TPOT is
 (last token - first token) / (tokens - 1) per request. Target: the HTTP path
-adds < 5% to mean TPOT.
+adds < 5% to mean TPOT. Both parts also report mean_step_ms, the time in
+Executor.step (served: from the replicas' kiln:engine_step_seconds): when the
+served one is the larger, the replica's serving work slows its engine; when
+they match, the difference lies in delivery.
 
 `--tiny` serves a 2-layer, 64-wide Llama with random weights and a synthetic
 tokenizer: its CPU step takes milliseconds, as a large model's GPU step does,
@@ -58,12 +61,26 @@ def prompts(args) -> list[list[int]]:
 
 def engine_tpot(args) -> dict:
     """In-process: every request's first and last token times, from the engine's step loop."""
+    import torch
+
     from kiln import LLM, SamplingParams
 
+    if args.device == "cpu" or not torch.cuda.is_available():
+        torch.set_num_threads(1)  # as in the served replica: Ray starts its actors with OMP_NUM_THREADS=1
     llm = LLM(args.model, random_weights=args.random_weights, device=args.device,
               max_model_len=args.max_model_len, kv_cache_bytes=args.kv_cache_bytes)
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0)
     llm.generate(prompts(args)[:4], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    step, timed = llm.executor.step, [0, 0.0]
+
+    def timed_step():  # time in Executor.step, as the served replica reports it (kiln:engine_step_seconds)
+        t = time.perf_counter()
+        out = step()
+        timed[0] += 1
+        timed[1] += time.perf_counter() - t
+        return out
+
+    llm.executor.step = timed_step
     states = [llm._submit(None, p, params) for p in prompts(args)]
     first: dict[str, float] = {}
     last: dict[str, float] = {}
@@ -76,7 +93,19 @@ def engine_tpot(args) -> dict:
     wall = time.perf_counter() - t0
     tpots = [(last[s.request_id] - first[s.request_id]) / (args.output_len - 1) for s in states]
     return {"mean_tpot_ms": statistics.mean(tpots) * 1e3, "wall_s": wall,
-            "output_tok_s": args.requests * args.output_len / wall}
+            "output_tok_s": args.requests * args.output_len / wall, "mean_step_ms": timed[1] / timed[0] * 1e3}
+
+
+def engine_steps(base: str) -> tuple[float, float]:
+    """The served replicas' engine steps and seconds in them, from /metrics."""
+    with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    found = {"kiln:engine_steps_total": 0.0, "kiln:engine_step_seconds_total": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0]
+        if name in found:
+            found[name] += float(line.rsplit(" ", 1)[1])
+    return found["kiln:engine_steps_total"], found["kiln:engine_step_seconds_total"]
 
 
 def http_tpot(args) -> dict:
@@ -133,6 +162,8 @@ def http_tpot(args) -> dict:
                     events.append(len(stamps))
 
         one(prompts(args)[0], record=False)  # warm up
+        time.sleep(1.0)  # the replica's load report (with its step counters) reaches the router
+        steps0 = engine_steps(base)
         threads = [threading.Thread(target=one, args=(p,)) for p in prompts(args)]
         t0 = time.perf_counter()
         for t in threads:
@@ -140,6 +171,8 @@ def http_tpot(args) -> dict:
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
+        time.sleep(1.0)
+        steps1 = engine_steps(base)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
@@ -148,7 +181,9 @@ def http_tpot(args) -> dict:
             os.killpg(proc.pid, signal.SIGKILL)
     return {"mean_tpot_ms": statistics.mean(tpots) * 1e3, "wall_s": wall,
             "output_tok_s": args.requests * args.output_len / wall,
-            "tokens_per_event": args.output_len / statistics.mean(events)}
+            "tokens_per_event": args.output_len / statistics.mean(events),
+            # the served engine's own step time: against the engine's, what the replica's serving work costs it
+            "mean_step_ms": (steps1[1] - steps0[1]) / max(1.0, steps1[0] - steps0[0]) * 1e3}
 
 
 def main() -> None:

@@ -122,7 +122,10 @@ class KilnReplica:
         self._cv = threading.Condition()
         self._inbox: list[tuple] = []
         self._outbox = Outbox(self.replica_id)  # lives on the event loop that runs generate/outputs
-        self._loop: asyncio.AbstractEventLoop | None = None
+        try:  # Serve builds replicas on their event loop; the engine thread posts its output there
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
         self._remaining: dict[str, int] = {}  # engine thread: outputs each request has still to finish
         self._error: str | None = None
         self._stop = False
@@ -130,6 +133,7 @@ class KilnReplica:
         self._last_report = 0.0
         self._last_load: dict = {}
         self._kv: list = []  # KV events not yet reported
+        self._steps, self._step_s = 0, 0.0  # engine steps taken and the time in them (the step-time metric)
         self._sent: deque = deque(maxlen=32)  # keep report responses referenced until sent
         self._thread = threading.Thread(target=self._loop_thread, name="kiln-engine", daemon=True)
         self._thread.start()
@@ -230,11 +234,14 @@ class KilnReplica:
                     if item[2] is None:  # the whole request: nobody waits for its stream any more
                         self._remaining.pop(item[1], None)
             if ex.has_unfinished():
+                t0 = time.perf_counter()
                 try:
                     events, aborted = ex.step()
                 except Exception as e:  # a failed collective, a dead rank: fail everything, report unhealthy
                     self._fail(f"replica {self.replica_id}: {e}")
                     return
+                self._steps += 1
+                self._step_s += time.perf_counter() - t0
                 self._deliver(events, aborted)
             self._report()
 
@@ -266,7 +273,7 @@ class KilnReplica:
         s = self.executor.last_stats
         return {"running": s.get("num_running", 0), "waiting": s.get("num_waiting", 0),
                 "kv_usage": s.get("kv_cache_usage", 0.0), "prefix_hits": s.get("prefix_cache_hits", 0),
-                "prefix_queries": s.get("prefix_cache_queries", 0)}
+                "prefix_queries": s.get("prefix_cache_queries", 0), "steps": self._steps, "step_s": self._step_s}
 
     def _report(self) -> None:
         self._kv.extend(self.executor.take_kv_events())
@@ -281,7 +288,13 @@ class KilnReplica:
         report = Report(self.replica_id, self._seq, [list(e) for e in self._kv], load)
         self._kv = []
         self._seq += 1
-        self._sent.append(self._ingress.report.remote(report.pack()))
+        if self._loop is not None:  # the event loop makes the Serve call: the engine thread goes on stepping
+            self._post(self._send_report, report.pack())
+        else:
+            self._send_report(report.pack())
+
+    def _send_report(self, data: bytes) -> None:
+        self._sent.append(self._ingress.report.remote(data))
 
     def _fail(self, reason: str) -> None:
         log.error("%s", reason)

@@ -29,6 +29,9 @@ class _ReplicaCollector:
                                    labels=["replica"])
         queries = CounterMetricFamily("kiln:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                                       labels=["replica"])
+        steps = CounterMetricFamily("kiln:engine_steps", "Engine steps the replica has run", labels=["replica"])
+        step_s = CounterMetricFamily("kiln:engine_step_seconds", "Time the replica's engine spent in steps",
+                                     labels=["replica"])
         for replica, load in sorted(self.router.loads.items()):
             running.add_metric([replica], load.running)
             waiting.add_metric([replica], load.waiting)
@@ -36,7 +39,9 @@ class _ReplicaCollector:
             routed.add_metric([replica], load.inflight)
             hits.add_metric([replica], load.prefix_hits)
             queries.add_metric([replica], load.prefix_queries)
-        yield from (running, waiting, usage, routed, hits, queries)
+            steps.add_metric([replica], load.steps)
+            step_s.add_metric([replica], load.step_s)
+        yield from (running, waiting, usage, routed, hits, queries, steps, step_s)
 
 
 class Metrics:

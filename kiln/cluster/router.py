@@ -31,6 +31,8 @@ class ReplicaLoad:
     kv_usage: float = 0.0
     prefix_hits: int = 0
     prefix_queries: int = 0
+    steps: int = 0  # engine steps the replica has taken, and the seconds spent in them
+    step_s: float = 0.0
 
 
 class PrefixIndex:
@@ -108,6 +110,7 @@ class Router:
             r.running, r.waiting = load.get("running", 0), load.get("waiting", 0)
             r.kv_usage = load.get("kv_usage", 0.0)
             r.prefix_hits, r.prefix_queries = load.get("prefix_hits", 0), load.get("prefix_queries", 0)
+            r.steps, r.step_s = load.get("steps", 0), load.get("step_s", 0.0)
 
     def routed(self, request_id: str, replica: str) -> None:
         self._admitted.discard(request_id)

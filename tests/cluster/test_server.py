@@ -205,7 +205,7 @@ def test_metrics_parse_and_name_the_replicas(server, client):
     for name in ("kiln:num_requests_running", "kiln:num_requests_waiting", "kiln:kv_cache_usage_perc",
                  "kiln:prefix_cache_hits", "kiln:prefix_cache_queries", "kiln:time_to_first_token_seconds",
                  "kiln:inter_token_latency_seconds", "kiln:e2e_request_latency_seconds", "kiln:prompt_tokens",
-                 "kiln:generation_tokens"):
+                 "kiln:generation_tokens", "kiln:engine_steps", "kiln:engine_step_seconds"):
         assert name in families, name
     assert len({s.labels["replica"] for s in families["kiln:num_requests_running"].samples}) == 2
     ttft = [s for s in families["kiln:time_to_first_token_seconds"].samples if s.name.endswith("_count")]
