@@ -43,6 +43,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         enforce_eager: bool = False,
         device: str = "auto",
+        cpu_threads: int = 0,
         seed: int = 0,
         collective_timeout_s: float = 120.0,
         quant: str = "none",
@@ -56,7 +57,7 @@ class LLM:
         source = model if isinstance(model, ModelSource) else None
         self.config = EngineConfig(
             model=source.path if source else model, random_weights=random_weights, dtype=dtype, device=device, seed=seed,
-            enforce_eager=enforce_eager,
+            enforce_eager=enforce_eager, cpu_threads=cpu_threads,
             cache=CacheConfig(block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
                               kv_cache_bytes=kv_cache_bytes, num_blocks=num_blocks,
                               enable_prefix_caching=enable_prefix_caching),

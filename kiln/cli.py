@@ -43,6 +43,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                                                                     "from --gpu-memory-utilization on GPU)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--cpu-threads", type=int, default=0, help="torch threads per replica on the CPU "
+                                                             "(default: torch's; 1 under Ray)")
     g.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1, help="tensor-parallel GPUs")
     g.add_argument("--pp", "--pipeline-parallel-size", dest="pp", type=int, default=1, help="pipeline stages")
     g.add_argument("--quant", default="none", choices=["none", "fp8", "int8-wo", "int4-awq"],
@@ -69,7 +71,7 @@ def _engine_config(args: argparse.Namespace):
 
     return EngineConfig(
         model=args.model, random_weights=args.random_weights, dtype=args.dtype, device=args.device, seed=args.seed,
-        enforce_eager=args.enforce_eager,
+        enforce_eager=args.enforce_eager, cpu_threads=args.cpu_threads,
         cache=CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                           kv_cache_bytes=args.kv_cache_bytes),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -139,8 +141,8 @@ def _make_llm(args: argparse.Namespace):
                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                kv_cache_bytes=args.kv_cache_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
-               enforce_eager=args.enforce_eager, tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp,
-               seed=args.seed, quant=args.quant, kv_cache_dtype=args.kv_cache_dtype)
+               enforce_eager=args.enforce_eager, cpu_threads=args.cpu_threads, tensor_parallel_size=args.tp,
+               pipeline_parallel_size=args.pp, seed=args.seed, quant=args.quant, kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _params(args: argparse.Namespace):

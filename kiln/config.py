@@ -160,6 +160,9 @@ class EngineConfig:
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     device: str = "auto"  # auto: cuda if available
     seed: int = 0
+    # torch intra-op threads on the CPU (0: torch's default; a Ray actor defaults to its CPUs, at least 1).
+    # Several CPU replicas on one machine each want a share of the cores, not all of them.
+    cpu_threads: int = 0
     # CUDA graphs for decode steps; off means eager every step.
     enforce_eager: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -170,6 +173,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
             raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")
+        _positive("cpu_threads", self.cpu_threads, allow_zero=True)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

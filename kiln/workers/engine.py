@@ -63,6 +63,8 @@ class Engine:
         self.config = config
         self.ctx = ctx or ParallelContext()
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu" and config.cpu_threads:
+            torch.set_num_threads(config.cpu_threads)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.model_config: ModelConfig = source.config
         mc = source.config

@@ -117,3 +117,68 @@ def test_router_hash_matches_block_manager():
     r.set_replicas(["a"])
     r.report("a", 0, bm.take_events(), {})
     assert r.cached_fraction("a", hashes(tokens)) == 1.0
+
+
+class _Replica:
+    """A replica's block manager, run the way the scheduler runs it: match, allocate, compute, commit, free."""
+
+    def __init__(self, num_blocks: int) -> None:
+        from kiln.scheduler.block_manager import BlockManager
+
+        self.bm = BlockManager(num_blocks, BS)
+        self.seq = 0
+        self.reports = 0
+
+    def serve(self, tokens: list[int]) -> int:
+        """Prefill and finish one prompt; the tokens found in the cache."""
+        from kiln.config import SamplingParams
+        from kiln.scheduler.request import Sequence
+
+        self.seq += 1
+        seq = Sequence(self.seq, str(self.seq), tokens, SamplingParams(), [0], 10_000)
+        cached = self.bm.match_prefix(seq)
+        assert self.bm.allocate(seq, len(tokens) - len(cached) * BS, cached)
+        seq.num_computed_tokens = len(tokens)
+        self.bm.commit(seq)
+        self.bm.free(seq)
+        return len(cached) * BS
+
+    def report_to(self, router: Router, name: str) -> None:
+        router.report(name, self.reports, self.bm.take_events(), {})
+        self.reports += 1
+
+
+def test_kv_routing_under_cache_pressure_sticks_and_forgets_evictions():
+    """Multi-turn conversations over two replicas whose caches cannot hold them all: each conversation stays
+    on its replica, and the index holds exactly what each replica's block manager still caches."""
+    import random
+
+    rng = random.Random(0)
+    r = Router(RouterConfig(policy="kv"))
+    replicas = {"a": _Replica(40), "b": _Replica(40)}  # 640 tokens each; the 8 conversations reach 8 x 192
+    r.set_replicas(sorted(replicas))
+    system = [rng.randrange(1000) for _ in range(32)]
+    convs = [system + [rng.randrange(1000) for _ in range(64)] for _ in range(8)]
+    home: dict[int, str] = {}
+    moved = evicted = 0
+    for turn in range(4):
+        for c in range(len(convs)):  # a turn of every conversation in flight at once
+            if turn:
+                convs[c] = convs[c] + [rng.randrange(1000) for _ in range(32)]  # the answer and the next question
+            h = hashes(convs[c])
+            name = r.rank(sorted(replicas), h)[0]
+            r.routed(f"{turn}.{c}", name)
+            matched = r.index.matched_blocks(h, [name])[name]
+            # What the router counted as cached on that replica is there.
+            assert replicas[name].serve(convs[c]) == min(matched, (len(convs[c]) - 1) // BS) * BS
+            moved += turn > 0 and home[c] != name
+            home[c] = name
+            evicted += sum(ev[0] == "evicted" for ev in replicas[name].bm.events)
+            replicas[name].report_to(r, name)
+            for n, rep in replicas.items():  # no stale entries: every evicted block has left the index
+                assert {x for x, s in r.index.holders.items() if n in s} == set(rep.bm.cached)
+        for c in range(len(convs)):
+            r.finished(f"{turn}.{c}")
+    assert evicted > 0  # the caches were under pressure
+    assert sorted(home.values()).count("a") == 4  # new conversations were spread by load
+    assert moved == 0
