@@ -48,6 +48,7 @@ class LLM:
         collective_timeout_s: float = 120.0,
         quant: str = "none",
         kv_cache_dtype: str = "auto",
+        async_scheduling: bool | None = None,
     ) -> None:
         """`model`: None (the embedded SmolLM2), a GGUF file, an HF directory, an engine directory
         from `kiln build`, or a preset name with random_weights=True. A checkpoint path is built
@@ -62,7 +63,7 @@ class LLM:
                               kv_cache_bytes=kv_cache_bytes, num_blocks=num_blocks,
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                      max_model_len=max_model_len or 0),
+                                      max_model_len=max_model_len or 0, async_scheduling=async_scheduling),
             parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size,
                                     collective_timeout_s=collective_timeout_s),
             quant=QuantConfig(mode=quant, kv_cache_dtype=kv_cache_dtype))
@@ -145,7 +146,9 @@ class LLM:
 
     def _step(self) -> list[RequestState]:
         """One engine step; returns the states that changed."""
-        events, aborted = self.executor.step()
+        return self._handle(*self.executor.step())
+
+    def _handle(self, events: list, aborted: list[tuple[str, int]]) -> list[RequestState]:
         changed: dict[str, RequestState] = {}
         for request_id, index in aborted:
             state = self._states.get(request_id)
@@ -253,6 +256,7 @@ class LLM:
 
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer")
+        self._handle(self.executor.flush(), [])  # an async step in flight must not share the step
         lps = self.executor.score(self.tokenizer.encode(text))
         return math.exp(-sum(lps) / len(lps))
 

@@ -102,6 +102,10 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     max_model_len: int = 0  # 0: the model's max_position_embeddings
+    # Plan and prepare step N+1 while the GPU runs step N (the host's work hides behind the
+    # GPU's). None: on for a single-rank CUDA engine. step() then returns a step's tokens right after
+    # launching the next step, and a sequence that stops on a sampled token (EOS) costs one dropped row.
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         _positive("max_num_seqs", self.max_num_seqs)
@@ -257,6 +261,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1 or bool(self.presence_penalty) or bool(self.frequency_penalty)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -11,6 +11,10 @@ import enum
 from kiln.config import SamplingParams
 
 
+# The token id of a placeholder (async scheduling): the token is still being sampled on the device.
+PLACEHOLDER = -1
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -77,10 +81,32 @@ class Sequence:
     def in_prefill(self) -> bool:
         return self.num_computed_tokens < self.num_tokens - 1
 
+    @property
+    def reached_length(self) -> bool:
+        """Its last token (perhaps not sampled yet) is its last: max_tokens or the context is reached."""
+        p = self.params
+        return (p.max_tokens is not None and self.num_output_tokens >= p.max_tokens) \
+            or self.num_tokens >= self.max_model_len
+
     def append_token(self, token_id: int) -> None:
         """Append a sampled token and decide whether the sequence is done."""
         self.token_ids.append(token_id)
-        n_out = self.num_output_tokens
+        self._check_finish(token_id, len(self.token_ids))
+
+    def append_placeholder(self) -> int:
+        """Reserve the place of a token still being sampled (async scheduling); returns its index."""
+        self.token_ids.append(PLACEHOLDER)
+        return len(self.token_ids) - 1
+
+    def set_token(self, index: int, token_id: int) -> None:
+        """Fill a placeholder with its sampled token and decide whether the sequence is done there."""
+        self.token_ids[index] = token_id
+        self._check_finish(token_id, index + 1)
+        if self.finish_reason is not None:  # a later placeholder, if any, will never be a token
+            del self.token_ids[index + 1:]
+
+    def _check_finish(self, token_id: int, num_tokens: int) -> None:
+        n_out = num_tokens - self.num_prompt_tokens
         p = self.params
         if n_out >= p.min_tokens:
             if token_id in self.eos_token_ids:
@@ -88,5 +114,5 @@ class Sequence:
             elif token_id in p.stop_token_ids:
                 self.finish_reason, self.stop_reason = "stop", token_id
         if self.finish_reason is None:
-            if (p.max_tokens is not None and n_out >= p.max_tokens) or self.num_tokens >= self.max_model_len:
+            if (p.max_tokens is not None and n_out >= p.max_tokens) or num_tokens >= self.max_model_len:
                 self.finish_reason = "length"

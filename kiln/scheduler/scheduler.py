@@ -21,12 +21,15 @@ class ScheduledSeq:
     num_new_tokens: int
     # True when this chunk reaches the sequence's last token: a token is sampled.
     sample: bool
+    # Async scheduling: where the sampled token goes in seq.token_ids (a placeholder until then).
+    token_index: int = -1
 
 
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     num_preempted: int = 0
+    advanced: bool = False  # see Scheduler.advance
 
     @property
     def num_tokens(self) -> int:
@@ -97,6 +100,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.reached_length:  # async: its last token is still being sampled; nothing left to compute
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not bm.allocate(seq, n):
                 victim = self.running.pop()
@@ -134,10 +140,21 @@ class Scheduler:
             budget -= n
         return out
 
+    def advance(self, out: SchedulerOutput) -> None:
+        """Async scheduling: count a launched step's tokens as computed and give each sampled
+        token a placeholder, so the next step can be planned before this one's tokens are known.
+        `update(out, sampled)` later fills the placeholders in."""
+        out.advanced = True
+        for entry in out.scheduled:
+            entry.seq.num_computed_tokens += entry.num_new_tokens
+            if entry.sample:
+                entry.token_index = entry.seq.append_placeholder()
+
     def update(self, out: SchedulerOutput, sampled: list[int]) -> list[Sequence]:
         """Apply a step's results; `sampled` holds one token per sampling entry.
 
-        Returns the sequences that finished in this step.
+        After `advance(out)`, the tokens fill the placeholders (which a later step
+        may already be computing on). Returns the sequences that finished in this step.
         """
         finished, forks = [], []
         tokens = iter(sampled)
@@ -146,11 +163,18 @@ class Scheduler:
             token = next(tokens) if entry.sample else None
             if seq.is_finished:  # aborted while the step ran
                 continue
-            seq.num_computed_tokens += entry.num_new_tokens
-            self.block_manager.commit(seq)
+            if out.advanced:
+                if token is not None:
+                    seq.set_token(entry.token_index, token)
+                # Full blocks of known tokens only: the next step's placeholder, if any, lies past them.
+                self.block_manager.commit(seq)
+            else:
+                seq.num_computed_tokens += entry.num_new_tokens
+                self.block_manager.commit(seq)
+                if token is not None:
+                    seq.append_token(token)
             if token is None:
                 continue
-            seq.append_token(token)
             if not seq.forked:
                 seq.forked = True
                 forks.append(seq)

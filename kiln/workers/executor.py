@@ -22,12 +22,12 @@ import torch
 
 from kiln.config import EngineConfig, SamplingParams
 from kiln.scheduler.block_manager import BlockManager
-from kiln.scheduler.request import Sequence
+from kiln.scheduler.request import PLACEHOLDER, Sequence
 from kiln.scheduler.scheduler import Scheduler, SchedulerOutput
 from kiln.workers.engine import Engine, StepInputs
 from kiln.workers.loaders import ModelSource, resolve_model
 from kiln.workers.parallel import ParallelContext
-from kiln.workers.sampling import Sampler, TokenLogprobs
+from kiln.workers.sampling import Sampled, Sampler, TokenLogprobs
 
 
 @dataclass
@@ -83,6 +83,15 @@ class _InFlight:
     inputs: StepInputs | None = None
 
 
+@dataclass
+class _Launched:
+    """Async scheduling: a step whose tokens are still being sampled on the device."""
+
+    out: SchedulerOutput
+    sampled: Sampled
+    rows: dict[int, int]  # seq_id -> row of `sampled.tokens` holding its placeholder's token
+
+
 class Executor:
     def __init__(self, config: EngineConfig, source: ModelSource | None = None,
                  ctx: ParallelContext | None = None) -> None:
@@ -107,6 +116,11 @@ class Executor:
         self._deferred_aborts: list[list[tuple[str, int | None]]] = [[] for _ in self.schedulers]
         self._next_ve = 0
         self._inflight: dict[int, _InFlight] = {}
+        # Async scheduling (single rank): plan and launch step N+1 before reading step N's tokens.
+        sc = config.scheduler
+        self.async_scheduling = self.ctx.world_size == 1 and (
+            sc.async_scheduling if sc.async_scheduling is not None else self.engine.device.type == "cuda")
+        self._launched: _Launched | None = None
         self.num_steps = 0
         self.shutdown_requested = False
 
@@ -135,7 +149,8 @@ class Executor:
         self._pending.append(["shutdown"])
 
     def has_unfinished(self) -> bool:
-        return bool(self._pending) or any(s.num_unfinished for s in self.schedulers) or bool(self._inflight)
+        return bool(self._pending) or any(s.num_unfinished for s in self.schedulers) or bool(self._inflight) \
+            or self._launched is not None
 
     # -- the step --------------------------------------------------------------
 
@@ -165,7 +180,8 @@ class Executor:
             elif item[0] == "shutdown":
                 self.shutdown_requested = True
         # A scheduler may only drop sequences when none of its batches is in flight
-        # (a later stage could still write their KV blocks).
+        # (a later stage could still write their KV blocks). An async step is no obstacle:
+        # whatever reuses the blocks runs after it on the same stream.
         busy = {f.ve for f in self._inflight.values()}
         for ve, sched in enumerate(self.schedulers):
             if ve in busy or not self._deferred_aborts[ve]:
@@ -181,6 +197,8 @@ class Executor:
         """One tick on this rank. Returns the sampled tokens and the (request, index) pairs aborted."""
         ctx = self.ctx
         aborted = self._apply(self._sync_pending())
+        if self.async_scheduling:
+            return self._step_async(), [(s.request_id, s.index) for s in aborted]
         tick = self.num_steps
         self.num_steps += 1
         ve = tick % len(self.schedulers)
@@ -210,6 +228,62 @@ class Executor:
             events = self._finish(done, logits)
         return events, [(s.request_id, s.index) for s in aborted]
 
+    def _step_async(self) -> list[TokenEvent]:
+        """Launch step N+1, then read step N's tokens while the device runs it.
+
+        Step N+1 is planned with a placeholder for each token step N samples; the
+        device fills those inputs in from step N's token tensor. A sequence that
+        step N finishes (EOS, a stop token) still takes one row in step N+1, whose
+        token is dropped; one that finishes by length is not planned again.
+        """
+        self.num_steps += 1
+        prev, events = self._launched, []
+        sched = self.scheduler
+        # Penalties count a sequence's output tokens, so none of them may be a placeholder.
+        if prev is not None and any(s.params.has_penalties for s in sched.running):
+            events, prev = self._resolve(prev), None
+        out = sched.schedule()
+        self._launched = None
+        if not out.is_empty:
+            out.scheduled.sort(key=lambda e: e.num_new_tokens != 1)
+            self._launched = self._launch(out, prev)
+        if prev is not None:
+            events += self._resolve(prev)
+        return events
+
+    def _launch(self, out: SchedulerOutput, prev: _Launched | None) -> _Launched:
+        inputs = self.engine.prepare(out.scheduled)
+        if prev is not None:
+            # A placeholder is always a decode's one input token, and decodes lead the batch: row i is entry i.
+            dst, src = [], []
+            for i, e in enumerate(out.scheduled):
+                if e.num_new_tokens != 1:
+                    break
+                j = prev.rows.get(e.seq.seq_id)
+                if j is not None and e.seq.token_ids[e.seq.num_computed_tokens] == PLACEHOLDER:
+                    dst.append(i)
+                    src.append(j)
+            if dst:
+                idx = torch.tensor([dst, src], dtype=torch.int64)
+                if inputs.input_ids.is_cuda:
+                    idx = idx.pin_memory().to(inputs.input_ids.device, non_blocking=True)
+                inputs.input_ids[idx[0]] = prev.sampled.tokens[idx[1]]
+        hidden, _ = self.engine.forward(inputs)
+        logits = self.engine.logits(hidden, inputs)
+        sampling = [e.seq for e in out.scheduled if e.sample]
+        sampled = self.sampler.sample(logits, sampling)
+        self.scheduler.advance(out)
+        return _Launched(out, sampled, {seq.seq_id: i for i, seq in enumerate(sampling)})
+
+    def _resolve(self, launched: _Launched) -> list[TokenEvent]:
+        tokens, logprobs = launched.sampled.result()
+        return self._update(0, launched.out, tokens, logprobs)
+
+    def flush(self) -> list[TokenEvent]:
+        """Finish the async step in flight, if any; its tokens (before work that must see every token)."""
+        launched, self._launched = self._launched, None
+        return self._resolve(launched) if launched is not None else []
+
     def _finish(self, done: _InFlight, logits: torch.Tensor | None) -> list[TokenEvent]:
         """Sample on the sampling rank, share the tokens, update the scheduler."""
         ctx = self.ctx
@@ -225,7 +299,12 @@ class Executor:
             tokens, lps = msgpack.unpackb(ctx.broadcast_bytes(data, ctx.sampler_rank))
             logprobs = [None if lp is None else TokenLogprobs(lp[0], lp[1], [tuple(t) for t in lp[2]])
                         for lp in lps]
-        self.schedulers[done.ve].update(done.out, tokens)
+        return self._update(done.ve, done.out, tokens, logprobs)
+
+    def _update(self, ve: int, out: SchedulerOutput, tokens: list[int],
+                logprobs: list[TokenLogprobs | None]) -> list[TokenEvent]:
+        sampling = [e.seq for e in out.scheduled if e.sample]
+        self.schedulers[ve].update(out, tokens)
         events = []
         for seq, tok, lp in zip(sampling, tokens, logprobs):
             if seq.finish_reason == "abort":
@@ -246,6 +325,8 @@ class Executor:
             raise ValueError("score() runs on a single-rank engine")
         if len(token_ids) < 2 or len(token_ids) > self.max_model_len:
             raise ValueError(f"score() needs 2..{self.max_model_len} tokens, got {len(token_ids)}")
+        if self._launched is not None:
+            raise ValueError("score() runs between steps: flush() the async step in flight first")
         seq = Sequence(-1, "__score__", token_ids, SamplingParams(), [], self.max_model_len)
         if not self.block_manager.allocate(seq, len(token_ids)):
             raise ValueError("not enough free KV blocks to score this text now")

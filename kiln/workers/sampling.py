@@ -38,6 +38,14 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        return self.sample(logits, seqs).result()
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> "Sampled":
+        """Launch a step's sampling on the device; nothing waits for it until `Sampled.result()`.
+
+        Penalties read each sequence's output tokens, so their sequences must hold no placeholder.
+        """
         params = [s.params for s in seqs]
         n_lp = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if n_lp is not None else None
@@ -48,15 +56,18 @@ class Sampler:
             tokens = logits.argmax(dim=-1)
         else:
             tokens = self._sample(logits, seqs, greedy)
-        token_list = tokens.tolist()
-        if raw_logprobs is None:
-            return token_list, [None] * len(seqs)
-        return token_list, self._logprobs(raw_logprobs, tokens, params, n_lp)
+        lp = None
+        if raw_logprobs is not None:
+            chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0]
+            ranks = (raw_logprobs > chosen[:, None]).sum(dim=-1) + 1
+            top_v, top_i = raw_logprobs.topk(max(n_lp, 1), dim=-1)
+            lp = [chosen, ranks, top_v, top_i]
+        return Sampled(tokens, lp, params)
 
     def _penalize(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         ps = [s.params for s in seqs]
         need_min = [s.num_output_tokens < s.params.min_tokens for s in seqs]
-        has_pen = any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in ps)
+        has_pen = any(p.has_penalties for p in ps)
         if not has_pen and not any(need_min):
             return logits
         logits = logits.clone()
@@ -72,25 +83,25 @@ class Sampler:
                                              torch.ones(len(out), device=dev))
                 if s.params.repetition_penalty != 1:
                     seen[i, torch.tensor(s.token_ids, device=dev)] = True
-            rep = torch.tensor([p.repetition_penalty for p in ps], device=dev)[:, None]
+            rep = _to_device([p.repetition_penalty for p in ps], torch.float32, dev)[:, None]
             # HF / vLLM: shrink positive logits, grow negative ones, for every token seen so far.
             penalized = torch.where(logits > 0, logits / rep, logits * rep)
             logits = torch.where(seen, penalized, logits)
-            pres = torch.tensor([p.presence_penalty for p in ps], device=dev)[:, None]
-            freq = torch.tensor([p.frequency_penalty for p in ps], device=dev)[:, None]
+            pres = _to_device([p.presence_penalty for p in ps], torch.float32, dev)[:, None]
+            freq = _to_device([p.frequency_penalty for p in ps], torch.float32, dev)[:, None]
             logits -= freq * out_counts + pres * (out_counts > 0)
         for i, s in enumerate(seqs):
             if need_min[i]:
                 banned = list(s.eos_token_ids) + list(s.params.stop_token_ids)
                 if banned:
-                    logits[i, banned] = float("-inf")
+                    logits[i, _to_device(banned, torch.int64, dev)] = float("-inf")
         return logits
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
         ps = [s.params for s in seqs]
         dev = logits.device
         argmax = logits.argmax(dim=-1)
-        temp = torch.tensor([1.0 if g else p.temperature for p, g in zip(ps, greedy)], device=dev)
+        temp = _to_device([1.0 if g else p.temperature for p, g in zip(ps, greedy)], torch.float32, dev)
         logits = logits / temp[:, None]
         if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in ps):
             logits = self._truncate(logits, ps)
@@ -102,14 +113,14 @@ class Sampler:
         for i in seeded:
             noise[i].exponential_(generator=self._generator(seqs[i]))
         sampled = (probs / noise).argmax(dim=-1)
-        return torch.where(torch.tensor(greedy, device=dev), argmax, sampled)
+        return torch.where(_to_device(greedy, torch.bool, dev), argmax, sampled)
 
     @staticmethod
     def _truncate(logits: torch.Tensor, ps: list) -> torch.Tensor:
         dev, V = logits.device, logits.shape[1]
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in ps], device=dev)
-        top_p = torch.tensor([p.top_p for p in ps], device=dev)
-        min_p = torch.tensor([p.min_p for p in ps], device=dev)
+        top_k = _to_device([p.top_k if p.top_k > 0 else V for p in ps], torch.int64, dev)
+        top_p = _to_device([p.top_p for p in ps], torch.float32, dev)
+        min_p = _to_device([p.min_p for p in ps], torch.float32, dev)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(V, device=dev)[None, :]
         drop = ranks >= top_k[:, None]
@@ -122,17 +133,43 @@ class Sampler:
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
-    @staticmethod
-    def _logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, params: list, n: int) -> list[TokenLogprobs | None]:
-        chosen = logprobs.gather(1, tokens[:, None])
-        ranks = (logprobs > chosen).sum(dim=-1) + 1
-        top_v, top_i = logprobs.topk(max(n, 1), dim=-1)
-        chosen, ranks, top_v, top_i = chosen[:, 0].tolist(), ranks.tolist(), top_v.tolist(), top_i.tolist()
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without a synchronizing copy (keeps async scheduling async)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+class Sampled:
+    """One step's sampled tokens (and logprobs) on the device, copied to the host in the background."""
+
+    def __init__(self, tokens: torch.Tensor, lp: list[torch.Tensor] | None, params: list) -> None:
+        self.tokens = tokens  # on the device: the next step's placeholders are filled from it
+        self.params = params
+        tensors = [tokens] + (lp or [])
+        self._event = None
+        if tokens.is_cuda:
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for h, t in zip(host, tensors):
+                h.copy_(t, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            tensors = host
+        self._host = tensors
+
+    def result(self) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """Wait for the copy; the tokens as a list, with each row's TokenLogprobs (None when not asked)."""
+        if self._event is not None:
+            self._event.synchronize()
+        tokens = self._host[0].tolist()
+        if len(self._host) == 1:
+            return tokens, [None] * len(tokens)
+        chosen, ranks, top_v, top_i = (t.tolist() for t in self._host[1:])
         out: list[TokenLogprobs | None] = []
-        for i, p in enumerate(params):
+        for i, p in enumerate(self.params):
             if p.logprobs is None:
                 out.append(None)
                 continue
             k = p.logprobs
             out.append(TokenLogprobs(chosen[i], ranks[i], list(zip(top_i[i][:k], top_v[i][:k]))))
-        return out
+        return tokens, out

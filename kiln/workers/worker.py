@@ -224,6 +224,12 @@ class RayExecutor:
     def has_unfinished(self) -> bool:
         return bool(self._pending) or self._busy
 
+    def flush(self) -> list[TokenEvent]:
+        return []  # the ranks step in their own loop; tokens arrive through step()
+
+    def score(self, token_ids: list[int]) -> list[float]:
+        raise ValueError("perplexity runs on a single-rank engine (tensor_parallel_size = pipeline_parallel_size = 1)")
+
     def step(self) -> tuple[list[TokenEvent], list[tuple[str, int]]]:
         import ray
 
