@@ -32,6 +32,7 @@ RUNS = {
     "int4-awq": ("llama-3.1-8b", "int4-awq", "auto"),
     "int8-wo": ("llama-3.1-8b", "int8-wo", "auto"),
     "kv-fp8": ("llama-3.1-8b", "none", "fp8"),
+    "fp8-kv-fp8": ("llama-3.1-8b", "fp8", "fp8"),
     "70b-int4-awq": ("llama-3.1-70b", "int4-awq", "auto"),
     "70b-fp8": ("llama-3.1-70b", "fp8", "auto"),
     "smoke": ("smollm2-135m", "int8-wo", "auto"),  # a CPU check of this script
@@ -131,9 +132,11 @@ def compare(figures: dict, workload: list[str]) -> None:
               f"{b1['floor_ms']:6.2f} {tps}")
         if "error" not in base and run != "none" and "batch1_decode" in base and RUNS[run][0] == RUNS["none"][0]:
             f["batch1_speedup_vs_bf16"] = round(base["batch1_decode"]["ms_per_token"] / b1["ms_per_token"], 2)
-            key = "in128_out128"
-            if key in f and key in base:
-                f["throughput_128_vs_bf16"] = round(f[key]["output_tok_s"] / base[key]["output_tok_s"], 2)
+            for w in workload:
+                key = "in{}_out{}".format(*w.split("/"))
+                if key in f and key in base:
+                    f[f"throughput_{w.split('/')[0]}_vs_bf16"] = round(
+                        f[key]["output_tok_s"] / base[key]["output_tok_s"], 2)
 
 if __name__ == "__main__":
     main()
