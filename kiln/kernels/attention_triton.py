@@ -142,7 +142,7 @@ def _prefill_tiles(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, lo, hi, q_pos, seq_
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, lens_ptr, cu_tiles_ptr, out_ptr,
                     num_seqs, q_stride, out_stride, bt_stride, tok_stride, block_stride, scale_log2, out_scale,
                     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PAGE: tl.constexpr):
+                    PAGE: tl.constexpr, F16: tl.constexpr = False):
     h = tl.program_id(0)  # heads vary fastest: the G heads of one KV head run together and share K/V in L2
     total = tl.load(cu_tiles_ptr + num_seqs)
     tile = total - 1 - tl.program_id(1)  # last tiles (the most keys under the causal mask) first
@@ -169,6 +169,8 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, lens_ptr, cu_tiles_p
     d = tl.arange(0, D)
     rows = (q_start + offs_m).to(tl.int64)
     q = tl.load(q_ptr + rows[:, None] * q_stride + h * D + d[None, :], mask=mask_m[:, None], other=0.0)
+    if F16:  # as in the decode kernel: an FP8 cache widens to fp16 cheaply
+        q = q.to(tl.float16)
     kv_off = (h // G) * D + d[None, :]
     bt_row = bt_ptr + b.to(tl.int64) * bt_stride
 
@@ -238,7 +240,8 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     grid = (HQ, triton.cdiv(T, block_m) + B)  # an upper bound on the tiles; spare programs exit at once
     _prefill_kernel[grid](q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, cu_tiles, out, B,
                           q.stride(0), out.stride(0), block_tables.stride(0), k_cache.stride(1),
-                          k_cache.stride(0), scale * k_scale * _LOG2E, v_scale, G=HQ // HKV, D=D, PAGE=page, **cfg)
+                          k_cache.stride(0), scale * k_scale * _LOG2E, v_scale, G=HQ // HKV, D=D, PAGE=page,
+                          F16=k_cache.element_size() == 1, **cfg)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
