@@ -20,16 +20,20 @@ def device_name() -> str:
 
 
 def git_commit() -> str:
+    """The commit the code ran from. KILN_GIT_COMMIT, when set, wins: a tree exported with
+    `git archive` and run elsewhere may sit inside some other, unrelated checkout."""
+    if os.environ.get("KILN_GIT_COMMIT"):
+        return os.environ["KILN_GIT_COMMIT"]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(RESULTS)).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, cwd=os.path.dirname(RESULTS)).stdout.strip()
         if len(commit) != 40:  # not a git checkout (e.g. a copied tree on a GPU machine)
-            return os.environ.get("KILN_GIT_COMMIT", "unknown")
+            return "unknown"
         return commit + ("-dirty" if dirty else "")
     except OSError:
-        return os.environ.get("KILN_GIT_COMMIT", "unknown")
+        return "unknown"
 
 
 def write_result(name: str, figures: dict, out_dir: str | None = None, **extra) -> str:
