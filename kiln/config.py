@@ -282,11 +282,14 @@ class RouterConfig:
     """How the central router picks a replica (see kiln/cluster/router.py)."""
 
     policy: str = "kv"
-    # score = prefix_weight * cached fraction of the prompt
-    #         - load_weight * (queued - least queued) / mean queued - kv_usage_weight * KV usage
-    prefix_weight: float = 1.0
-    load_weight: float = 0.5
-    kv_usage_weight: float = 0.2
+    # kv: the work before the request's first token on replica r, in prompt tokens; lowest wins:
+    #   cost(r) = prompt tokens not cached on r + uncached tokens of r's requests still in prefill
+    #             + decode_cost_tokens * requests in flight on r
+    # A running request adds a row to every step (and its step must end before a new prompt
+    # joins): about this many prompt tokens of prefill, far less than a long history's recompute.
+    decode_cost_tokens: float = 32.0
+    # Replicas whose KV blocks are this full (held by running requests) go after the others.
+    kv_usage_limit: float = 0.95
     # Requests a replica may hold (running + waiting) before the router stops sending it more;
     # when every replica is full, new requests get HTTP 429.
     max_queued_per_replica: int = 256
@@ -295,8 +298,9 @@ class RouterConfig:
     def __post_init__(self) -> None:
         if self.policy not in ROUTING_POLICIES:
             raise ValueError(f"routing policy must be one of {', '.join(ROUTING_POLICIES)}; got {self.policy!r}")
-        for name in ("prefix_weight", "load_weight", "kv_usage_weight"):
-            _positive(name, getattr(self, name), allow_zero=True)
+        _positive("decode_cost_tokens", self.decode_cost_tokens, allow_zero=True)
+        if not 0 < self.kv_usage_limit <= 1:
+            raise ValueError(f"kv_usage_limit must be in (0, 1]; got {self.kv_usage_limit}")
         _positive("max_queued_per_replica", self.max_queued_per_replica)
         _positive("retry_after_s", self.retry_after_s)
 

@@ -80,7 +80,8 @@ class KilnRequestRouter(RequestRouter):
         if route.get("sticky"):  # an abort must reach the replica that runs the request
             target = router.assigned(route["id"])
             return [[by_id[target]]] if target in by_id else [candidate_replicas]
-        return [[by_id[r]] for r in router.rank(list(by_id), route.get("hashes") or [])]
+        ranked = router.rank(list(by_id), route.get("hashes") or [], route.get("id"), route.get("tokens"))
+        return [[by_id[r]] for r in ranked]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         router = router_registry.lookup(self.app_name)
@@ -314,7 +315,7 @@ class KilnIngress:
         source = resolve_model(cfg.engine.model, cfg.engine.random_weights)
         if source.tokenizer is None:
             raise ValueError("serving needs a tokenizer; random-weight presets have none (use an HF directory)")
-        self.router = Router(cfg.router)
+        self.router = Router(cfg.router, cfg.engine.cache.block_size)
         router_registry.register(cfg.app_name, self.router)
         self.replicas = replicas
         self.channel = uuid.uuid4().hex  # names this ingress to the replicas' output streams
@@ -336,7 +337,7 @@ class KilnIngress:
         box = self.demux.open(request_id)
         gen = _detached(self.replicas.options(stream=True).generate.remote,
                         pack_request(request_id, prompt, params), self.channel,
-                        route={"id": request_id, "hashes": hashes})
+                        route={"id": request_id, "hashes": hashes, "tokens": len(prompt)})
         watch = None
         try:
             try:

@@ -121,6 +121,7 @@ class OpenAIServer:
                     if first is None:
                         first = now
                         self.metrics.ttft.labels(replica).observe(now - t0)
+                        self.router.first_token(request_id)
                     elif n0:  # a message may carry several tokens: spread the gap over them
                         itl = self.metrics.itl.labels(replica)
                         for _ in range(n0):

@@ -24,19 +24,54 @@ def test_prefix_index_counts_leading_blocks_only():
     assert idx.matched_blocks(h, ["a", "b"]) == {"a": 0, "b": 1}
 
 
-def test_kv_policy_prefers_cached_replica_until_it_is_loaded():
-    r = Router(RouterConfig(policy="kv", max_queued_per_replica=10))
+def _conversation(r: Router, replica: str, blocks: int, seed: int = 0) -> list[int]:
+    """A conversation whose history (all but its last two blocks) `replica` caches; its hashes."""
+    h = hashes([seed * 100_000 + i for i in range(blocks * BS)])
+    r.report(replica, r._next_seq[replica], [("stored", x, None) for x in h[:-2]], {})
+    return h
+
+
+def test_kv_cost_is_prefill_tokens_plus_queued_work():
+    r = Router(RouterConfig(policy="kv", decode_cost_tokens=32), block_size=BS)
     r.set_replicas(["a", "b"])
-    h = hashes(list(range(160)))  # 10 blocks
-    r.report("a", 0, [("stored", x, None) for x in h[:8]], {})
+    h = _conversation(r, "a", 50)  # 800 tokens, 768 cached on a
+    assert r.rank(["a", "b"], h, "t") == ["a", "b"]
+    assert r.loads["a"].inflight == 1 and r.loads["a"].prefill_tokens == 32  # booked at once: 800 - 768
+    r.first_token("t")
+    assert r.loads["a"].prefill_tokens == 0 and r.loads["a"].inflight == 1
+    r.finished("t")
+    assert r.loads["a"].inflight == 0
+
+
+def test_conversation_stays_home_under_moderate_imbalance():
+    """Home holds 3 requests, the other replica none: 3 queued requests cost far less than recomputing the
+    history, so the conversation stays (the old score, 0.5 * 3/1.5 = 1.0 of load, moved it)."""
+    r = Router(RouterConfig(policy="kv"), block_size=BS)
+    r.set_replicas(["a", "b"])
+    h = _conversation(r, "a", 50)
+    for i in range(3):  # three other conversations' later turns on a: short prefills, then decoding
+        r.rank(["a", "b"], _conversation(r, "a", 50, seed=i + 1), f"o{i}")
+    assert [r.assigned(f"o{i}") for i in range(3)] == ["a"] * 3
+    assert r.rank(["a", "b"], h) == ["a", "b"]  # 32 + 3 x 32 queued + 3 x 32 rows < 800 to recompute on b
+    for i in range(3):
+        r.first_token(f"o{i}")
     assert r.rank(["a", "b"], h) == ["a", "b"]
-    r.routed("r0", "a")  # 1 queued vs 0: 0.8 - 0.5 * 1/1 > 0, a still wins
+
+
+def test_conversation_moves_when_home_queue_outweighs_recompute():
+    r = Router(RouterConfig(policy="kv"), block_size=BS)
+    r.set_replicas(["a", "b"])
+    h = _conversation(r, "a", 50)
+    for i in range(3):  # three cold 800-token prompts sent to a (b was not a candidate then), still in prefill
+        r.rank(["a"], hashes([7_000_000 + 1000 * i + j for j in range(800)]), f"c{i}")
+    assert r.loads["a"].prefill_tokens == 2400
+    assert r.rank(["a", "b"], h) == ["b", "a"]  # a: 32 + 2400 queued + 3 x 32 > b: 800
+    for i in range(3):  # their prefills are done: only their decode rows are left
+        r.first_token(f"c{i}")
     assert r.rank(["a", "b"], h) == ["a", "b"]
-    for i in range(1, 4):  # 4 vs 0: 0.8 - 0.5 * 4/2 < 0, the idle replica wins
-        r.routed(f"r{i}", "a")
+    for i in range(30):  # a long queue of decoding requests outweighs the recompute too
+        r.routed(f"d{i}", "a")
     assert r.rank(["a", "b"], h) == ["b", "a"]
-    r.finished("r1"), r.finished("r2"), r.finished("r3")
-    assert r.rank(["a", "b"], h) == ["a", "b"]
 
 
 def test_cold_prompts_and_ties_go_to_least_loaded():
@@ -51,6 +86,40 @@ def test_cold_prompts_and_ties_go_to_least_loaded():
     r.routed("z", "c")
     r.routed("w", "c")  # equal match on a and c; a has less load
     assert r.rank(["a", "b", "c"], h)[0] == "a"
+
+
+def test_cold_prompt_goes_where_least_work_is_queued():
+    """Least loaded in tokens: one request still prefilling a long prompt outweighs two that decode."""
+    r = Router(RouterConfig(policy="kv"), block_size=BS)
+    r.set_replicas(["a", "b"])
+    r.rank(["a", "b"], hashes(list(range(1000, 1800))), "long")  # cold, 800 tokens: to a (a tie, by name)
+    assert r.assigned("long") == "a"
+    for i in range(2):
+        r.routed(f"d{i}", "b")
+    cold = hashes(list(range(5000, 5320)))
+    assert r.rank(["a", "b"], cold) == ["b", "a"]
+    r.first_token("long")
+    assert r.rank(["a", "b"], cold) == ["a", "b"]
+
+
+def test_optimistic_accounting_for_load_policies():
+    """Two requests ranked before Serve reports either as routed do not pile onto one replica."""
+    for policy in ("kv", "least-loaded"):
+        r = Router(RouterConfig(policy=policy), block_size=BS)
+        r.set_replicas(["a", "b"])
+        first = r.rank(["a", "b"], hashes(list(range(320))), "1")[0]
+        second = r.rank(["a", "b"], hashes(list(range(1000, 1320))), "2")[0]
+        assert {first, second} == {"a", "b"}, policy
+        r.routed("1", first)  # Serve confirms: nothing counts twice
+        assert r.loads["a"].inflight == r.loads["b"].inflight == 1
+        r.routed("2", first)  # Serve sent it past our first choice: the booking follows
+        assert r.loads[first].inflight == 2 and r.loads[second].inflight == 0
+        assert r.rank(["a", "b"], hashes(list(range(2000, 2320))), "1")[0] == second  # a retry moves it
+        assert r.loads[first].inflight == 1 and r.loads[second].inflight == 1
+        for rid in ("1", "2"):
+            r.finished(rid)
+        assert r.loads["a"].inflight == r.loads["b"].inflight == 0
+        assert r.loads["a"].prefill_tokens == r.loads["b"].prefill_tokens == 0
 
 
 def test_round_robin_and_least_loaded():
@@ -88,6 +157,11 @@ def test_admitted_requests_hold_places_until_routed():
         r.admit("4")
     r.finished("1")  # a request that ends before it was routed gives its place back
     r.admit("4")
+    r.rank(["a", "b"], [], "2")  # ranking books it: the place moves from admitted to the replica
+    with pytest.raises(Overloaded):
+        r.admit("5")
+    r.finished("2")
+    r.admit("5")
 
 
 def test_reports_apply_in_sequence_order():

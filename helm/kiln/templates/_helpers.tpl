@@ -73,7 +73,7 @@ dataclasses `kiln serve` uses (tests/helm checks that the two agree field for fi
                      "pipeline_parallel_size" (int $e.pipelineParallelSize)
                      "collective_timeout_s" 120.0 "heartbeat_s" 0.5)
     "quant" (dict "mode" $e.quant "kv_cache_dtype" $e.kvCacheDtype "group_size" 128 "calibration_tokens" 2048) -}}
-{{- $router := dict "policy" $s.routing "prefix_weight" 1.0 "load_weight" 0.5 "kv_usage_weight" 0.2
+{{- $router := dict "policy" $s.routing "decode_cost_tokens" 32.0 "kv_usage_limit" 0.95
     "max_queued_per_replica" (int $s.maxQueuedRequests) "retry_after_s" 1 -}}
 {{- $args := dict
     "engine" $engine
