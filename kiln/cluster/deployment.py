@@ -18,6 +18,7 @@ import asyncio
 import contextvars
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -40,6 +41,7 @@ log = logging.getLogger("kiln.serve")
 
 INGRESS = "KilnIngress"
 REPLICA = "KilnReplica"
+SWITCH_INTERVAL_S = 0.0005
 REPORT_EVERY_S = 0.5  # load reports while idle
 KV_REPORT_EVERY_S = 0.05  # KV events go out at most this often (blocks fill every few steps while decoding)
 ORPHAN_CHECK_S = 10.0  # a request whose output nobody has read for ORPHAN_AFTER_S is aborted
@@ -136,6 +138,10 @@ class KilnReplica:
         self._kv: list = []  # KV events not yet reported
         self._steps, self._step_s = 0, 0.0  # engine steps taken and the time in them (the step-time metric)
         self._sent: deque = deque(maxlen=32)  # keep report responses referenced until sent
+        # The engine thread shares the GIL with Serve's threads. When it wakes (a step's tokens
+        # are on the host) it may wait for the holder's switch interval (default 5 ms, a GPU
+        # step's worth) before it can plan the next step; 0.5 ms bounds that wait.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._thread = threading.Thread(target=self._loop_thread, name="kiln-engine", daemon=True)
         self._thread.start()
 
