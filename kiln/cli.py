@@ -43,6 +43,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                                                                     "from --gpu-memory-utilization on GPU)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
+                   help="plan step N+1 while the GPU runs step N (auto: on for a single-GPU replica)")
     g.add_argument("--cpu-threads", type=int, default=0, help="torch threads per replica on the CPU "
                                                              "(default: torch's; 1 under Ray)")
     g.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1, help="tensor-parallel GPUs")
@@ -66,6 +68,10 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
+def _async_scheduling(args: argparse.Namespace) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[args.async_scheduling]
+
+
 def _engine_config(args: argparse.Namespace):
     from kiln.config import CacheConfig, EngineConfig, ParallelConfig, QuantConfig, SchedulerConfig
 
@@ -75,7 +81,8 @@ def _engine_config(args: argparse.Namespace):
         cache=CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                           kv_cache_bytes=args.kv_cache_bytes),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                  max_model_len=args.max_model_len or 0),
+                                  max_model_len=args.max_model_len or 0,
+                                  async_scheduling=_async_scheduling(args)),
         parallel=ParallelConfig(args.tp, args.pp),
         quant=QuantConfig(mode=args.quant, kv_cache_dtype=args.kv_cache_dtype))
 
@@ -142,7 +149,8 @@ def _make_llm(args: argparse.Namespace):
                max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                kv_cache_bytes=args.kv_cache_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
                enforce_eager=args.enforce_eager, cpu_threads=args.cpu_threads, tensor_parallel_size=args.tp,
-               pipeline_parallel_size=args.pp, seed=args.seed, quant=args.quant, kv_cache_dtype=args.kv_cache_dtype)
+               pipeline_parallel_size=args.pp, seed=args.seed, quant=args.quant, kv_cache_dtype=args.kv_cache_dtype,
+               async_scheduling=_async_scheduling(args))
 
 
 def _params(args: argparse.Namespace):

@@ -65,10 +65,11 @@ dataclasses `kiln serve` uses (tests/helm checks that the two agree field for fi
     "device" $e.device
     "seed" 0
     "enforce_eager" false
+    "cpu_threads" 0
     "cache" (dict "block_size" (int $e.blockSize) "gpu_memory_utilization" (float64 $e.gpuMemoryUtilization)
                   "kv_cache_bytes" nil "num_blocks" nil "enable_prefix_caching" $e.enablePrefixCaching)
     "scheduler" (dict "max_num_seqs" (int $e.maxNumSeqs) "max_num_batched_tokens" (int $e.maxNumBatchedTokens)
-                      "max_model_len" (int $e.maxModelLen))
+                      "max_model_len" (int $e.maxModelLen) "async_scheduling" nil)
     "parallel" (dict "tensor_parallel_size" (int $e.tensorParallelSize)
                      "pipeline_parallel_size" (int $e.pipelineParallelSize)
                      "collective_timeout_s" 120.0 "heartbeat_s" 0.5)
