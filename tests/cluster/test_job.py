@@ -1,6 +1,7 @@
 """`ray job submit` path: a head started with `ray start --head`, a job that runs `kiln serve`."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,6 +20,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def head():
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    if not os.path.exists(ray_bin):  # a venv over system site-packages keeps ray's script outside it
+        ray_bin = shutil.which("ray") or ray_bin
     gcs, dash = _free_port(), _free_port()
     # A throwaway local cluster: no token authentication (Ray 2.60 turns it on by default).
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "disabled"}
