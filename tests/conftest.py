@@ -42,6 +42,16 @@ def llm(smollm_source):
 
 
 @pytest.fixture(scope="session")
+def async_llm(smollm_source):
+    """The same engine with async scheduling forced on (the CUDA default) on the CPU."""
+    from kiln import LLM
+
+    llm = LLM(smollm_source, device="cpu", async_scheduling=True)
+    assert llm.executor.async_scheduling
+    return llm
+
+
+@pytest.fixture(scope="session")
 def hf_model(smollm_path):
     """HF transformers on the same GGUF, fp32: the reference."""
     from transformers import AutoModelForCausalLM

@@ -1,20 +1,14 @@
 """Async scheduling (step N+1 planned before step N's tokens are read) changes no output.
 
-It is on by default on CUDA only; here it is forced on for the CPU engine and
-compared with the synchronous engine on the same requests.
+It is on by default on CUDA only; here it is forced on for the CPU engine
+(conftest's async_llm) and compared with the synchronous engine on the same
+requests. tests/workers/test_executor.py runs its abort test on both.
 """
 import random
 
 import pytest
 
 from kiln import LLM, SamplingParams
-
-
-@pytest.fixture(scope="module")
-def async_llm(smollm_source):
-    llm = LLM(smollm_source, device="cpu", async_scheduling=True)
-    assert llm.executor.async_scheduling
-    return llm
 
 
 def prompts(n: int, seed: int = 0) -> list[str]:
@@ -83,33 +77,6 @@ def test_preemption_and_prefix_cache_match_sync(smollm_source):
         results.append((outputs(first), outputs(again), [r.num_cached_tokens for r in again]))
     assert results[1] == results[0]
     assert min(results[1][2]) > 0
-
-
-def test_abort_and_join_while_a_step_is_in_flight(async_llm):
-    ex = async_llm.executor
-    free = ex.block_manager.num_free_blocks
-    p = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
-    ids = async_llm.tokenizer.encode("The history of pottery " * 20)
-    ex.add_request("keep", ids, p)
-    ex.add_request("drop", ids[::-1], p)
-    got: dict[str, list[int]] = {}
-    for _ in range(4):
-        events, _ = ex.step()
-        for e in events:
-            got.setdefault(e.request_id, []).append(e.token_id)
-    assert ex._launched is not None  # a step is in flight while we abort
-    ex.abort_request("drop")
-    ex.add_request("late", ids[:20], p)
-    for _ in range(200):
-        if not ex.has_unfinished():
-            break
-        events, aborted = ex.step()
-        for e in events:
-            got.setdefault(e.request_id, []).append(e.token_id)
-    assert not ex.has_unfinished()
-    assert len(got["keep"]) == 30 and len(got["late"]) == 30 and len(got["drop"]) < 30
-    assert ex.block_manager.num_free_blocks == free
-    assert async_llm.generate([ids], p)[0].outputs[0].token_ids == got["keep"]
 
 
 def test_perplexity_after_an_eos_finish(llm, async_llm):
