@@ -11,7 +11,7 @@ import enum
 from kiln.config import SamplingParams
 
 
-# The token id of a placeholder (async scheduling): the token is still being sampled on the device.
+# The token id of a placeholder: the token is still being sampled (on the device, under async scheduling).
 PLACEHOLDER = -1
 
 
@@ -88,24 +88,15 @@ class Sequence:
         return (p.max_tokens is not None and self.num_output_tokens >= p.max_tokens) \
             or self.num_tokens >= self.max_model_len
 
-    def append_token(self, token_id: int) -> None:
-        """Append a sampled token and decide whether the sequence is done."""
-        self.token_ids.append(token_id)
-        self._check_finish(token_id, len(self.token_ids))
-
     def append_placeholder(self) -> int:
-        """Reserve the place of a token still being sampled (async scheduling); returns its index."""
+        """Reserve the place of a token still being sampled; returns its index."""
         self.token_ids.append(PLACEHOLDER)
         return len(self.token_ids) - 1
 
     def set_token(self, index: int, token_id: int) -> None:
         """Fill a placeholder with its sampled token and decide whether the sequence is done there."""
         self.token_ids[index] = token_id
-        self._check_finish(token_id, index + 1)
-        if self.finish_reason is not None:  # a later placeholder, if any, will never be a token
-            del self.token_ids[index + 1:]
-
-    def _check_finish(self, token_id: int, num_tokens: int) -> None:
+        num_tokens = index + 1
         n_out = num_tokens - self.num_prompt_tokens
         p = self.params
         if n_out >= p.min_tokens:
@@ -116,3 +107,5 @@ class Sequence:
         if self.finish_reason is None:
             if (p.max_tokens is not None and n_out >= p.max_tokens) or num_tokens >= self.max_model_len:
                 self.finish_reason = "length"
+        if self.finish_reason is not None:  # a later placeholder (async scheduling) will never be a token
+            del self.token_ids[num_tokens:]

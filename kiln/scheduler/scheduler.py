@@ -153,9 +153,12 @@ class Scheduler:
     def update(self, out: SchedulerOutput, sampled: list[int]) -> list[Sequence]:
         """Apply a step's results; `sampled` holds one token per sampling entry.
 
-        After `advance(out)`, the tokens fill the placeholders (which a later step
-        may already be computing on). Returns the sequences that finished in this step.
+        The tokens fill the placeholders `advance(out)` made: at launch under async
+        scheduling (a later step may already be computing on them), here otherwise.
+        Returns the sequences that finished in this step.
         """
+        if not out.advanced:
+            self.advance(out)
         finished, forks = [], []
         tokens = iter(sampled)
         for entry in out.scheduled:
@@ -163,16 +166,10 @@ class Scheduler:
             token = next(tokens) if entry.sample else None
             if seq.is_finished:  # aborted while the step ran
                 continue
-            if out.advanced:
-                if token is not None:
-                    seq.set_token(entry.token_index, token)
-                # Full blocks of known tokens only: the next step's placeholder, if any, lies past them.
-                self.block_manager.commit(seq)
-            else:
-                seq.num_computed_tokens += entry.num_new_tokens
-                self.block_manager.commit(seq)
-                if token is not None:
-                    seq.append_token(token)
+            if token is not None:
+                seq.set_token(entry.token_index, token)
+            # Full blocks of known tokens only: the next step's placeholder, if any, lies past them.
+            self.block_manager.commit(seq)
             if token is None:
                 continue
             if not seq.forked:

@@ -22,7 +22,7 @@ import torch
 
 from kiln.config import EngineConfig, SamplingParams
 from kiln.scheduler.block_manager import BlockManager
-from kiln.scheduler.request import PLACEHOLDER, Sequence
+from kiln.scheduler.request import Sequence
 from kiln.scheduler.scheduler import Scheduler, SchedulerOutput
 from kiln.workers.engine import Engine, StepInputs
 from kiln.workers.loaders import ModelSource, resolve_model
@@ -259,8 +259,8 @@ class Executor:
             for i, e in enumerate(out.scheduled):
                 if e.num_new_tokens != 1:
                     break
-                j = prev.rows.get(e.seq.seq_id)
-                if j is not None and e.seq.token_ids[e.seq.num_computed_tokens] == PLACEHOLDER:
+                j = prev.rows.get(e.seq.seq_id)  # its input token is the one prev is sampling
+                if j is not None:
                     dst.append(i)
                     src.append(j)
             if dst:

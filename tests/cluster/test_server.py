@@ -254,18 +254,10 @@ def test_hang_ups_leave_the_other_streams_of_their_replica_alone(server):
 
 
 def test_disconnect_aborts_and_overload_gets_429(server, client):
-    import http.client
-    from urllib.parse import urlparse
-
     body = {"model": MODEL, "prompt": "Write a long story:", "max_tokens": 1500, "ignore_eos": True,
             "stream": True}
-    url = urlparse(server)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-    conn.request("POST", "/v1/completions", json.dumps(body),
-                 {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
-    resp = conn.getresponse()
-    assert resp.status == 200
-    for _ in range(4):
+    conn, resp = _open_stream(server, body)  # status 200, first event read
+    for _ in range(3):
         assert resp.fp.readline()
     assert _running(server) >= 1
     conn.sock.close()  # hang up mid-stream
