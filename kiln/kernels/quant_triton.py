@@ -2,15 +2,17 @@
 
 Decode (a few rows of x): reading the weights is the whole cost. A register
 GEMV reads each weight tile once along K with vector loads, widens the codes,
-and keeps products elementwise until one reduction per tile. int4 codes sit
+and keeps products elementwise until one reduction at the end. int4 codes sit
 eight to an int32 along K; nibble j of word i is k = 8i + j, so nibble plane j
 meets the strided x slice x[j::8] and the packed tile is never reshaped. With
-w = code * scale + min per group, a group-sized tile contributes
-scale * (x . codes) + min * sum(x): scale and min are applied per output.
+w = code * scale + min per group, word i contributes
+scale_g * (x . codes) + min_g * sum(x) for its group g. Tiles span several
+groups: the bytes in flight per program, not the arithmetic, set the speed.
 
-Larger batches: 8-bit weights go through a tensor-core kernel that widens the
-codes in registers (K split over programs when output tiles are few); int4 is
-dequantized once to a bf16 scratch and cuBLAS does the compute-bound rest.
+Larger batches: a tensor-core kernel widens the codes (8-bit, or int4
+unpacked and scaled per group) in registers, K split over programs when
+output tiles are few. Past INT4_TC_MAX_M rows, int4 is dequantized once to a
+scratch and cuBLAS does the compute-bound rest.
 """
 from __future__ import annotations
 
@@ -22,9 +24,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _woq_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, x_stride, w_stride, out_stride, k_per_split,
-                FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """8-bit weights [N, K] on tensor cores, for batches past the GEMV's."""
+def _woq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride, s_stride, out_stride,
+                k_per_split, BITS: tl.constexpr, FP8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Quantized W [N, K] on tensor cores, for batches past the GEMV's: the codes are widened to
+    x's dtype in registers. int4: word i of a row holds k = 8i..8i+7, so unpacking the
+    [BLOCK_K/8, BLOCK_N] words along a new middle axis and merging it with the first gives the
+    [BLOCK_K, BLOCK_N] tile in order; a tile lies inside one group (GROUP % BLOCK_K == 0)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -39,14 +45,25 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, x_stride, w_stride, out_s
     for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None], other=0.0)
-        q = tl.load(w_cols + offs_k[:, None], mask=mask_n[None, :], other=0)
-        if FP8:  # e4m3 codes arrive as bytes (a masked fp8 load cannot take a fill value)
-            w = q.to(tl.float8e4nv, bitcast=True).to(x.dtype)
+        if BITS == 4:
+            words = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            packed = tl.load(w_cols + words[:, None], mask=mask_n[None, :], other=0)
+            shifts = 4 * tl.arange(0, 8)
+            codes = tl.reshape((packed[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
+            g = k0 // GROUP
+            scale = tl.load(s_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
+            mn = tl.load(z_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
+            w = (codes.to(tl.float32) * scale[None, :] + mn[None, :]).to(x.dtype)
         else:
-            w = q.to(x.dtype)
+            q = tl.load(w_cols + offs_k[:, None], mask=mask_n[None, :], other=0)
+            if FP8:  # e4m3 codes arrive as bytes (a masked fp8 load cannot take a fill value)
+                w = q.to(tl.float8e4nv, bitcast=True).to(x.dtype)
+            else:
+                w = q.to(x.dtype)
         acc += tl.dot(x, w)
-    scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # per output channel, once
-    acc = acc * scale[None, :]
+    if BITS != 4:  # per output channel, once
+        scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc = acc * scale[None, :]
     ptrs = out_ptr + offs_m[:, None].to(tl.int64) * out_stride + offs_n[None, :]
     tl.atomic_add(ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
 
@@ -54,40 +71,44 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, x_stride, w_stride, out_s
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_stride, s_stride, out_stride,
                  M: tl.constexpr, BITS: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
     """A few rows of x against [BLOCK_N, K] of W: the weight tile is read once, K-contiguous
-    (vector loads), and reduced in registers; no tensor cores, no split-K buffer."""
+    (vector loads), and products stay elementwise in registers until one reduction at the end;
+    no tensor cores, no split-K buffer. BLOCK_K spans whole int4 groups, so each iteration has
+    BLOCK_N * BLOCK_K * BITS / 8 bytes in flight: enough of them hide the memory latency."""
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = tl.arange(0, BLOCK_M)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * w_stride
     if BITS == 4:
-        # Nibble plane j of the [BLOCK_N, BLOCK_K/8] words meets x[k0 + j + 8i]. Products stay
-        # elementwise in a [rows, BLOCK_N, BLOCK_K/8] accumulator, reduced once at the end.
-        i8 = tl.arange(0, BLOCK_K // 8)
-        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K // 8], dtype=tl.float32)
+        # Nibble plane j of the [BLOCK_N, BLOCK_K/8] words meets x[k0 + j + 8i]; word i belongs to
+        # group (k0 + 8i) // GROUP, whose scale and min are gathered per word (cache-line hits).
+        WORDS: tl.constexpr = BLOCK_K // 8
+        i8 = tl.arange(0, WORDS)
+        acc = tl.zeros([BLOCK_M, BLOCK_N, WORDS], dtype=tl.float32)
+        s_rows = offs_n[:, None].to(tl.int64) * s_stride
         for k0 in range(0, K, BLOCK_K):
             packed = tl.load(w_rows + (k0 // 8 + i8)[None, :], mask=mask_n[:, None], other=0)
-            g = k0 // BLOCK_K
-            scale = tl.load(s_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
-            mn = tl.load(z_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
+            g = (k0 // GROUP + i8 // (GROUP // 8))[None, :]
+            scale = tl.load(s_ptr + s_rows + g, mask=mask_n[:, None], other=0.0).to(tl.float32)
+            mn = tl.load(z_ptr + s_rows + g, mask=mask_n[:, None], other=0.0).to(tl.float32)
             for m in tl.static_range(M):
-                t = tl.zeros([BLOCK_N, BLOCK_K // 8], dtype=tl.float32)
-                xs = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
+                t = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+                xs = tl.zeros([WORDS], dtype=tl.float32)
                 for j in tl.static_range(8):
                     xj = tl.load(x_ptr + m * x_stride + k0 + j + 8 * i8).to(tl.float32)
                     t += ((packed >> (4 * j)) & 0xF).to(tl.float32) * xj[None, :]
                     xs += xj
-                contrib = (t * scale[:, None] + mn[:, None] * xs[None, :])[None, :, :]
-                if M == 1:  # row 1 of the pair is padding, never stored
-                    acc3 += contrib
+                contrib = (t * scale + mn * xs[None, :])[None, :, :]
+                if M == 1:
+                    acc += contrib
                 else:
-                    acc3 += tl.where(rows[:, None, None] == m, contrib, 0.0)
-        acc = tl.sum(acc3, axis=2)
-    else:
+                    acc += tl.where(rows[:, None, None] == m, contrib, 0.0)
+        out = tl.sum(acc, axis=2)
+    else:  # a byte per weight: BLOCK_K is wide, so reduce per tile to keep registers few
         offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             q = tl.load(w_rows + (k0 + offs_k)[None, :], mask=mask_n[:, None], other=0)
             if FP8:
@@ -96,12 +117,15 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_stride, 
                 w = q.to(tl.float32)
             for m in tl.static_range(M):
                 x = tl.load(x_ptr + m * x_stride + k0 + offs_k).to(tl.float32)
-                part = tl.sum(w * x[None, :], axis=1)
-                acc += tl.where(rows[:, None] == m, part[None, :], 0.0)
+                part = tl.sum(w * x[None, :], axis=1)[None, :]
+                if M == 1:
+                    acc += part
+                else:
+                    acc += tl.where(rows[:, None] == m, part, 0.0)
         scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc = acc * scale[None, :]
+        out = acc * scale[None, :]
     ptrs = out_ptr + rows[:, None] * out_stride + offs_n[None, :]
-    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & mask_n[None, :])
+    tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & mask_n[None, :])
 
 
 @triton.jit
@@ -146,14 +170,16 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count if torch.cuda.is_available() else 16
 
 
-# Up to this many rows (by bits) the register GEMV beats the alternatives (H100 sweep).
+# Up to this many rows (by bits) the register GEMV beats the tensor-core kernel (H100 sweep).
 GEMV_MAX_M = {4: 4, 8: 1}
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV, by bits (H100 sweep).
-GEMV_TILES = {4: (8, 128, 4, 2), 8: (8, 512, 2, 4)}
+GEMV_TILES = {4: (8, 1024, 4, 2), 8: (8, 512, 2, 4)}
+# Past this many rows int4 is dequantized once to a scratch and cuBLAS does the compute-bound rest.
+INT4_TC_MAX_M = 512
 
 
 def _tiles(M: int, on_gpu: bool) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the 8-bit tensor-core kernel."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the tensor-core kernel."""
     if not on_gpu:  # the interpreter: small tiles
         return 16, 16, 32, 4, 1
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
@@ -161,33 +187,41 @@ def _tiles(M: int, on_gpu: bool) -> tuple[int, int, int, int, int]:
     return block_m, block_n, block_k, 4, 3
 
 
-def woq_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-               bits: int, group: int = 128) -> torch.Tensor:
-    """x [M, K] (bf16/fp16/fp32); int8 or fp8 w [N, K] with scales [N], or int4 w [N, K/8] with
-    scales/mins [N, K/group]."""
+def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int,
+         group: int, tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """The register GEMV for a few rows of x; `tiles` overrides GEMV_TILES (for sweeps)."""
     M, K = x.shape
     N = w.shape[0]
-    x = x.contiguous()
-    if bits == 4 and M > GEMV_MAX_M[4]:  # past the GEMV's batches: dequantize once, then cuBLAS
-        return torch.nn.functional.linear(x, dequantize_int4(w, scales, mins, x.dtype, group))
-    fp8 = w.dtype == torch.float8_e4m3fn
-    if fp8:
+    if w.dtype == torch.float8_e4m3fn:
+        w = w.view(torch.uint8)  # the kernel widens e4m3 bytes itself
+    block_n, block_k, warps, stages = tiles or (GEMV_TILES[bits] if x.is_cuda else (16, 128, 4, 1))
+    if bits == 4:
+        block_k = max(group, min(block_k, K) // group * group)  # whole groups
+    else:
+        block_k = min(block_k, K)
+    if K % block_k:
+        raise ValueError(f"K={K} must be a multiple of {block_k}")
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(N, block_n),)](x, w, scales, mins if mins is not None else scales, out, N, K,
+                                             x.stride(0), w.stride(0), scales.stride(0), out.stride(0), M=M,
+                                             BITS=bits, FP8=w.dtype == torch.uint8, GROUP=group,
+                                             BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k,
+                                             num_warps=warps, num_stages=stages)
+    return out
+
+
+def tensor_core_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                       bits: int, group: int) -> torch.Tensor:
+    """The tensor-core kernel for any number of rows of x."""
+    M, K = x.shape
+    N = w.shape[0]
+    if w.dtype == torch.float8_e4m3fn:
         w = w.view(torch.uint8)
-    if bits == 4 and (group % 8 or group < 16):
-        raise ValueError(f"int4 group size must be a multiple of 8 and >= 16, got {group}")
-    if M <= GEMV_MAX_M[bits]:
-        block_n, block_k, warps, stages = GEMV_TILES[bits] if x.is_cuda else (16, 32, 4, 1)
-        block_k = group if bits == 4 else block_k
-        if K % block_k:
-            raise ValueError(f"K={K} must be a multiple of {block_k}")
-        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        _gemv_kernel[(triton.cdiv(N, block_n),)](x, w, scales, mins if mins is not None else scales, out, N, K,
-                                                 x.stride(0), w.stride(0), scales.stride(0), out.stride(0), M=M,
-                                                 BITS=bits, FP8=fp8, BLOCK_M=max(2, triton.next_power_of_2(M)),
-                                                 BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-                                                 num_stages=stages)
-        return out
     block_m, block_n, block_k, warps, stages = _tiles(M, x.is_cuda)
+    if bits == 4:
+        block_k = min(block_k, group)
+        if group % block_k:
+            raise ValueError(f"int4 group size {group} must be a multiple of {block_k}")
     if K % block_k:
         raise ValueError(f"K={K} must be a multiple of {block_k}")
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
@@ -198,9 +232,27 @@ def woq_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: tor
         splits *= 2
     out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), splits)
-    _woq_kernel[grid](x, w, scales, out, M, N, K, x.stride(0), w.stride(0), out.stride(0), K // splits, FP8=fp8,
-                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    _woq_kernel[grid](x, w, scales, mins if mins is not None else scales, out, M, N, K, x.stride(0), w.stride(0),
+                      scales.stride(0), out.stride(0), K // splits, BITS=bits, FP8=w.dtype == torch.uint8,
+                      GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+                      num_stages=stages)
     return out.to(x.dtype)
+
+
+def woq_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+               bits: int, group: int = 128) -> torch.Tensor:
+    """x [M, K] (bf16/fp16/fp32); int8 or fp8 w [N, K] with scales [N], or int4 w [N, K/8] with
+    scales/mins [N, K/group]."""
+    x = x.contiguous()
+    M = x.shape[0]
+    if bits == 4:
+        if group % 8 or group < 16:
+            raise ValueError(f"int4 group size must be a multiple of 8 and >= 16, got {group}")
+        if M > INT4_TC_MAX_M:
+            return torch.nn.functional.linear(x, dequantize_int4(w, scales, mins, x.dtype, group))
+    if M <= GEMV_MAX_M[bits]:
+        return gemv(x, w, scales, mins, bits, group)
+    return tensor_core_linear(x, w, scales, mins, bits, group)
 
 
 def dequantize_int4(w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, dtype: torch.dtype,

@@ -1,0 +1,161 @@
+"""Quantized GEMM kernels at Llama-3.1-8B shapes: tile sweep, then every path by batch rows.
+
+    python benchmarks/quant_gemm.py --sweep    # writes benchmarks/results/quant-gemm-h100.json
+
+Decode reads every weight once per step, so at a few rows the measure is the
+fraction of the copy ceiling (3.02 TB/s) the weight bytes (codes, scales,
+mins) stream at; at more rows, time against bf16 cuBLAS. Shapes are the four
+linears of one layer (fused QKV, O, fused gate/up, down), timed as one sum
+under CUDA graphs (launch cost excluded, as in the engine). Each path is
+checked against the torch reference before it is timed.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import write_result  # noqa: E402
+from kiln.kernels import quant, quant_triton  # noqa: E402
+
+COPY_TBS = 3.02
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+DT = torch.bfloat16
+
+
+def ms(fn) -> float:
+    return triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def make_weights() -> dict:
+    out = {}
+    for name, (n, k) in SHAPES.items():
+        w = torch.randn(n, k, device="cuda") * 0.02
+        p, sc, mn = quant.quantize_int4(w, 128)
+        f8, fs = quant.quantize_fp8(w)
+        out[name] = {"bf16": w.to(DT), "int4": (p, sc, mn), "fp8": (f8, fs)}
+    return out
+
+
+def weight_bytes(ws: dict, fmt: str) -> int:
+    return sum(sum(t.numel() * t.element_size() for t in (w[fmt] if isinstance(w[fmt], tuple) else (w[fmt],)))
+               for w in ws.values())
+
+
+def layer_ms(ws: dict, M: int, path: str, tiles=None, check: bool = False) -> float:
+    """Sum over the four shapes of one path at M rows."""
+    xs = {name: torch.randn(M, k, device="cuda", dtype=DT) for name, (_, k) in SHAPES.items()}
+
+    def call(name):
+        w, x = ws[name], xs[name]
+        if path == "bf16":
+            return F.linear(x, w["bf16"])
+        if path == "int4-gemv":
+            return quant_triton.gemv(x, *w["int4"], bits=4, group=128, tiles=tiles)
+        if path == "int4-tc":
+            return quant_triton.tensor_core_linear(x, *w["int4"], bits=4, group=128)
+        if path == "int4-dequant":
+            return F.linear(x, quant_triton.dequantize_int4(*w["int4"], DT, 128))
+        if path == "fp8-gemv":
+            return quant_triton.gemv(x, *w["fp8"], None, bits=8, group=128, tiles=tiles)
+        if path == "fp8-tc":
+            return quant_triton.tensor_core_linear(x, *w["fp8"], None, bits=8, group=128)
+        if path == "fp8-scaled-mm":
+            xq, xsc = quant_triton.quantize_fp8_per_token(x)
+            return torch._scaled_mm(xq, w["fp8"][0].t(), scale_a=xsc, scale_b=w["fp8"][1][None, :], out_dtype=DT,
+                                    use_fast_accum=True)
+        raise ValueError(path)
+
+    if check:
+        for name in SHAPES:
+            w, x = ws[name], xs[name]
+            if path.startswith("int4"):
+                ref = quant.int4_linear_ref(x.float(), *w["int4"], None)
+            elif path.startswith("fp8"):
+                ref = F.linear(x.float(), w["fp8"][0].float() * w["fp8"][1][:, None])
+            else:
+                continue
+            err = rel_err(call(name), ref)
+            assert err < 3e-2, f"{path} M={M} {name}: rel. error {err:.3g}"
+    return ms(lambda: [call(name) for name in SHAPES])
+
+
+def sweep(ws: dict, path: str, M: int, grid) -> dict:
+    res = {}
+    for bn, bk, w, st in grid:
+        key = f"n{bn}-k{bk}-w{w}-s{st}"
+        try:
+            res[key] = round(layer_ms(ws, M, path, tiles=(bn, bk, w, st), check=True), 4)
+        except Exception as e:  # e.g. out of registers or shared memory
+            res[key] = f"{type(e).__name__}: {str(e)[:80]}"
+        print(path, M, key, res[key], flush=True)
+    return res
+
+
+def best(res: dict) -> tuple[int, int, int, int]:
+    key = min((k for k, v in res.items() if isinstance(v, float)), key=res.get)
+    bn, bk, w, st = (int(p[1:]) for p in key.split("-"))
+    return bn, bk, w, st
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", default="quant-gemm-h100")
+    ap.add_argument("--sweep", action="store_true", help="sweep the GEMV tiles first and use the best")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024])
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    ws = make_weights()
+    bytes_ = {"bf16": weight_bytes(ws, "bf16"), "int4": weight_bytes(ws, "int4"), "fp8": weight_bytes(ws, "fp8")}
+    figures: dict = {"weight_bytes_per_layer": bytes_}
+    if args.sweep:
+        g4 = list(itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8), (2, 3, 4)))
+        g8 = list(itertools.product((4, 8, 16), (256, 512, 1024), (2, 4, 8), (2, 4)))
+        figures["sweep_int4_m1_ms"] = s4 = sweep(ws, "int4-gemv", 1, g4)
+        quant_triton.GEMV_TILES[4] = best(s4)
+        figures["sweep_fp8_m1_ms"] = s8 = sweep(ws, "fp8-gemv", 1, g8)
+        quant_triton.GEMV_TILES[8] = best(s8)
+        bn, bk, w, st = quant_triton.GEMV_TILES[4]
+        g4m = sorted({(bn, bk, w, st), (bn, bk // 2, w, st), (max(4, bn // 2), bk, w, st), (bn, bk, 8, st),
+                      (max(4, bn // 2), bk // 2, w, st), (bn, max(512, bk // 4), w, st)})
+        figures["sweep_int4_m4_ms"] = s4m = sweep(ws, "int4-gemv", 4, g4m)
+        figures["int4_m4_tiles"] = best(s4m)
+    figures["gemv_tiles"] = {str(b): quant_triton.GEMV_TILES[b] for b in (4, 8)}
+    rows = {}
+    for M in args.rows:
+        row = {"bf16_ms": layer_ms(ws, M, "bf16")}
+        paths = ["int4-tc", "fp8-tc", "fp8-scaled-mm", "int4-dequant"]
+        if M <= 8:
+            paths = ["int4-gemv", "fp8-gemv"] + paths
+        for p in paths:
+            try:
+                row[p + "_ms"] = layer_ms(ws, M, p, check=True)
+            except Exception as e:
+                row[p + "_ms"] = f"{type(e).__name__}: {str(e)[:120]}"
+        for p, fmt in (("bf16", "bf16"), ("int4-gemv", "int4"), ("fp8-gemv", "fp8")):
+            if isinstance(row.get(p + "_ms"), float):
+                row[p + "_frac_of_copy"] = round(bytes_[fmt] / row[p + "_ms"] / 1e9 / COPY_TBS, 3)
+        rows[str(M)] = row
+        print(M, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    figures["by_rows"] = rows
+    print("\nrows " + " ".join(f"{p:>14s}" for p in ("bf16", "int4-gemv", "int4-tc", "int4-dequant", "fp8-gemv",
+                                                    "fp8-tc", "fp8-scaled-mm")))
+    for M, row in rows.items():
+        cells = [row.get(p + "_ms") for p in ("bf16", "int4-gemv", "int4-tc", "int4-dequant", "fp8-gemv", "fp8-tc",
+                                               "fp8-scaled-mm")]
+        print(f"{M:>4s} " + " ".join(f"{c:14.4f}" if isinstance(c, float) else f"{'-':>14s}" for c in cells))
+    print("wrote", write_result(args.name, figures, ceilings={"copy_TBps": COPY_TBS}, triton=triton.__version__))
+
+
+if __name__ == "__main__":
+    main()
