@@ -62,8 +62,12 @@ def layer_ms(ws: dict, M: int, path: str, tiles=None, check: bool = False) -> fl
             return F.linear(x, w["bf16"])
         if path == "int4-gemv":
             return quant_triton.gemv(x, *w["int4"], bits=4, group=128, tiles=tiles)
-        if path == "int4-tc":
-            return quant_triton.tensor_core_linear(x, *w["int4"], bits=4, group=128)
+        if path in ("int4-tc", "int4-tc-cvt"):
+            before, quant_triton.INT4_MAGIC = quant_triton.INT4_MAGIC, path == "int4-tc"
+            try:
+                return quant_triton.tensor_core_linear(x, *w["int4"], bits=4, group=128)
+            finally:
+                quant_triton.INT4_MAGIC = before
         if path == "int4-dequant":
             return F.linear(x, quant_triton.dequantize_int4(*w["int4"], DT, 128))
         if path == "fp8-gemv":
@@ -91,27 +95,30 @@ def layer_ms(ws: dict, M: int, path: str, tiles=None, check: bool = False) -> fl
 
 
 def sweep(ws: dict, path: str, M: int, grid) -> dict:
-    res = {}
-    for bn, bk, w, st in grid:
-        key = f"n{bn}-k{bk}-w{w}-s{st}"
+    """grid: (BLOCK_N, BLOCK_K, num_warps, num_stages, int4 widening by bits)."""
+    res, before = {}, quant_triton.INT4_MAGIC
+    for bn, bk, w, st, magic in grid:
+        key = f"n{bn}-k{bk}-w{w}-s{st}-m{int(magic)}"
+        quant_triton.INT4_MAGIC = magic
         try:
             res[key] = round(layer_ms(ws, M, path, tiles=(bn, bk, w, st), check=True), 4)
         except Exception as e:  # e.g. out of registers or shared memory
             res[key] = f"{type(e).__name__}: {str(e)[:80]}"
         print(path, M, key, res[key], flush=True)
+    quant_triton.INT4_MAGIC = before
     return res
 
 
-def best(res: dict) -> tuple[int, int, int, int]:
+def best(res: dict) -> tuple[int, ...]:
     key = min((k for k, v in res.items() if isinstance(v, float)), key=res.get)
-    bn, bk, w, st = (int(p[1:]) for p in key.split("-"))
-    return bn, bk, w, st
+    return tuple(int(p[1:]) for p in key.split("-"))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="quant-gemm-h100")
     ap.add_argument("--sweep", action="store_true", help="sweep the GEMV tiles first and use the best")
+    ap.add_argument("--sweep-fp8", action="store_true", help="with --sweep: the 8-bit GEMV's tiles too")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024])
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -119,22 +126,26 @@ def main() -> None:
     bytes_ = {"bf16": weight_bytes(ws, "bf16"), "int4": weight_bytes(ws, "int4"), "fp8": weight_bytes(ws, "fp8")}
     figures: dict = {"weight_bytes_per_layer": bytes_}
     if args.sweep:
-        g4 = list(itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8), (2, 3, 4)))
-        g8 = list(itertools.product((4, 8, 16), (256, 512, 1024), (2, 4, 8), (2, 4)))
+        g4 = list(itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8), (2, 4), (True, False)))
         figures["sweep_int4_m1_ms"] = s4 = sweep(ws, "int4-gemv", 1, g4)
-        quant_triton.GEMV_TILES[4] = best(s4)
-        figures["sweep_fp8_m1_ms"] = s8 = sweep(ws, "fp8-gemv", 1, g8)
-        quant_triton.GEMV_TILES[8] = best(s8)
-        bn, bk, w, st = quant_triton.GEMV_TILES[4]
-        g4m = sorted({(bn, bk, w, st), (bn, bk // 2, w, st), (max(4, bn // 2), bk, w, st), (bn, bk, 8, st),
-                      (max(4, bn // 2), bk // 2, w, st), (bn, max(512, bk // 4), w, st)})
-        figures["sweep_int4_m4_ms"] = s4m = sweep(ws, "int4-gemv", 4, g4m)
-        figures["int4_m4_tiles"] = best(s4m)
+        bn, bk, w, st, magic = best(s4)
+        quant_triton.GEMV_TILES[4] = (bn, bk, w, st)
+        quant_triton.INT4_MAGIC = bool(magic)
+        if args.sweep_fp8:
+            g8 = list(itertools.product((4, 8, 16), (256, 512, 1024), (2, 4, 8), (2, 4), (True,)))
+            figures["sweep_fp8_m1_ms"] = s8 = sweep(ws, "fp8-gemv", 1, g8)
+            quant_triton.GEMV_TILES[8] = best(s8)[:4]
+        g4m = sorted({(bn, bk, w, st, magic), (bn, bk // 2, w, st, magic), (max(4, bn // 2), bk, w, st, magic),
+                      (bn, bk, 8, st, magic), (max(4, bn // 2), bk // 2, w, st, magic), (bn, max(512, bk // 4), w, st,
+                                                                                          magic)})
+        for m in (2, 4):
+            figures[f"sweep_int4_m{m}_ms"] = sweep(ws, "int4-gemv", m, g4m)
+    figures["int4_magic"] = quant_triton.INT4_MAGIC
     figures["gemv_tiles"] = {str(b): quant_triton.GEMV_TILES[b] for b in (4, 8)}
     rows = {}
     for M in args.rows:
         row = {"bf16_ms": layer_ms(ws, M, "bf16")}
-        paths = ["int4-tc", "fp8-tc", "fp8-scaled-mm", "int4-dequant"]
+        paths = ["int4-tc", "int4-tc-cvt", "fp8-tc", "fp8-scaled-mm", "int4-dequant"]
         if M <= 8:
             paths = ["int4-gemv", "fp8-gemv"] + paths
         for p in paths:
@@ -148,11 +159,11 @@ def main() -> None:
         rows[str(M)] = row
         print(M, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     figures["by_rows"] = rows
-    print("\nrows " + " ".join(f"{p:>14s}" for p in ("bf16", "int4-gemv", "int4-tc", "int4-dequant", "fp8-gemv",
-                                                    "fp8-tc", "fp8-scaled-mm")))
+    print("\nrows " + " ".join(f"{p:>14s}" for p in ("bf16", "int4-gemv", "int4-tc", "int4-tc-cvt", "int4-dequant",
+                                                    "fp8-gemv", "fp8-tc", "fp8-scaled-mm")))
     for M, row in rows.items():
-        cells = [row.get(p + "_ms") for p in ("bf16", "int4-gemv", "int4-tc", "int4-dequant", "fp8-gemv", "fp8-tc",
-                                               "fp8-scaled-mm")]
+        cells = [row.get(p + "_ms") for p in ("bf16", "int4-gemv", "int4-tc", "int4-tc-cvt", "int4-dequant",
+                                               "fp8-gemv", "fp8-tc", "fp8-scaled-mm")]
         print(f"{M:>4s} " + " ".join(f"{c:14.4f}" if isinstance(c, float) else f"{'-':>14s}" for c in cells))
     print("wrote", write_result(args.name, figures, ceilings={"copy_TBps": COPY_TBS}, triton=triton.__version__))
 

@@ -26,7 +26,7 @@ import triton.language as tl
 @triton.jit
 def _woq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride, s_stride, out_stride,
                 k_per_split, BITS: tl.constexpr, FP8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, MAGIC: tl.constexpr):
     """Quantized W [N, K] on tensor cores, for batches past the GEMV's: the codes are widened to
     x's dtype in registers. int4: word i of a row holds k = 8i..8i+7, so unpacking the
     [BLOCK_K/8, BLOCK_N] words along a new middle axis and merging it with the first gives the
@@ -53,14 +53,21 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride
             g = k0 // GROUP
             scale = tl.load(s_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
             mn = tl.load(z_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
-            w = (codes.to(tl.float32) * scale[None, :] + mn[None, :]).to(x.dtype)
+            if MAGIC:  # 1 + q/16 by bits, no int->float convert (see the GEMV)
+                f = ((codes << 19) | 0x3F800000).to(tl.float32, bitcast=True)
+                w = (f * (16.0 * scale)[None, :] + (mn - 16.0 * scale)[None, :]).to(x.dtype)
+            else:
+                w = (codes.to(tl.float32) * scale[None, :] + mn[None, :]).to(x.dtype)
         else:
             q = tl.load(w_cols + offs_k[:, None], mask=mask_n[None, :], other=0)
             if FP8:  # e4m3 codes arrive as bytes (a masked fp8 load cannot take a fill value)
                 w = q.to(tl.float8e4nv, bitcast=True).to(x.dtype)
             else:
                 w = q.to(x.dtype)
-        acc += tl.dot(x, w)
+        if IEEE:  # fp32 activations: exact products, not TF32
+            acc += tl.dot(x, w, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w)
     if BITS != 4:  # per output channel, once
         scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         acc = acc * scale[None, :]
@@ -71,7 +78,7 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_stride, s_stride, out_stride,
                  M: tl.constexpr, BITS: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, MAGIC: tl.constexpr):
     """A few rows of x against [BLOCK_N, K] of W: the weight tile is read once, K-contiguous
     (vector loads), and products stay elementwise in registers until one reduction at the end;
     no tensor cores, no split-K buffer. BLOCK_K spans whole int4 groups, so each iteration has
@@ -84,6 +91,9 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_stride, 
     if BITS == 4:
         # Nibble plane j of the [BLOCK_N, BLOCK_K/8] words meets x[k0 + j + 8i]; word i belongs to
         # group (k0 + 8i) // GROUP, whose scale and min are gathered per word (cache-line hits).
+        # Widening is the cost here, not memory: an int->float convert runs at a quarter of the
+        # FMA rate. So nibble q is moved into the top mantissa bits of 1.0f instead (a shift and a
+        # mask), giving f = 1 + q/16 exactly, and x . w = 16 s (x . f) + (min - 16 s) sum(x).
         WORDS: tl.constexpr = BLOCK_K // 8
         i8 = tl.arange(0, WORDS)
         acc = tl.zeros([BLOCK_M, BLOCK_N, WORDS], dtype=tl.float32)
@@ -91,14 +101,22 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_stride, 
         for k0 in range(0, K, BLOCK_K):
             packed = tl.load(w_rows + (k0 // 8 + i8)[None, :], mask=mask_n[:, None], other=0)
             g = (k0 // GROUP + i8 // (GROUP // 8))[None, :]
-            scale = tl.load(s_ptr + s_rows + g, mask=mask_n[:, None], other=0.0).to(tl.float32)
-            mn = tl.load(z_ptr + s_rows + g, mask=mask_n[:, None], other=0.0).to(tl.float32)
+            scale = tl.load(s_ptr + s_rows + g, mask=mask_n[:, None], other=0.0).to(tl.float32) * 16.0
+            mn = tl.load(z_ptr + s_rows + g, mask=mask_n[:, None], other=0.0).to(tl.float32) - scale
             for m in tl.static_range(M):
                 t = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
                 xs = tl.zeros([WORDS], dtype=tl.float32)
                 for j in tl.static_range(8):
                     xj = tl.load(x_ptr + m * x_stride + k0 + j + 8 * i8).to(tl.float32)
-                    t += ((packed >> (4 * j)) & 0xF).to(tl.float32) * xj[None, :]
+                    if MAGIC:
+                        if 4 * j <= 19:
+                            bits = (packed << (19 - 4 * j)) & 0x780000
+                        else:
+                            bits = (packed >> (4 * j - 19)) & 0x780000
+                        f = (bits | 0x3F800000).to(tl.float32, bitcast=True)
+                    else:
+                        f = ((packed >> (4 * j)) & 0xF).to(tl.float32) * 0.0625 + 1.0
+                    t += f * xj[None, :]
                     xs += xj
                 contrib = (t * scale + mn * xs[None, :])[None, :, :]
                 if M == 1:
@@ -173,9 +191,11 @@ def _num_sms(index: int) -> int:
 # Up to this many rows (by bits) the register GEMV beats the tensor-core kernel (H100 sweep).
 GEMV_MAX_M = {4: 4, 8: 1}
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV, by bits (H100 sweep).
-GEMV_TILES = {4: (8, 1024, 4, 2), 8: (8, 512, 2, 4)}
+GEMV_TILES = {4: (8, 1024, 4, 4), 8: (4, 1024, 2, 2)}
 # Past this many rows int4 is dequantized once to a scratch and cuBLAS does the compute-bound rest.
 INT4_TC_MAX_M = 512
+# Widen int4 codes by bit tricks rather than int->float converts (a switch for the sweeps).
+INT4_MAGIC = True
 
 
 def _tiles(M: int, on_gpu: bool) -> tuple[int, int, int, int, int]:
@@ -206,7 +226,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
                                              x.stride(0), w.stride(0), scales.stride(0), out.stride(0), M=M,
                                              BITS=bits, FP8=w.dtype == torch.uint8, GROUP=group,
                                              BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k,
-                                             num_warps=warps, num_stages=stages)
+                                             MAGIC=INT4_MAGIC, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -235,7 +255,7 @@ def tensor_core_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, m
     _woq_kernel[grid](x, w, scales, mins if mins is not None else scales, out, M, N, K, x.stride(0), w.stride(0),
                       scales.stride(0), out.stride(0), K // splits, BITS=bits, FP8=w.dtype == torch.uint8,
                       GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-                      num_stages=stages)
+                      num_stages=stages, IEEE=x.dtype == torch.float32, MAGIC=INT4_MAGIC)
     return out.to(x.dtype)
 
 
