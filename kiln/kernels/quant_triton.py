@@ -26,7 +26,7 @@ import triton.language as tl
 @triton.jit
 def _woq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride, s_stride, out_stride,
                 k_per_split, BITS: tl.constexpr, FP8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, MAGIC: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
     """Quantized W [N, K] on tensor cores, for batches past the GEMV's: the codes are widened to
     x's dtype in registers. int4: word i of a row holds k = 8i..8i+7, so unpacking the
     [BLOCK_K/8, BLOCK_N] words along a new middle axis and merging it with the first gives the
@@ -53,11 +53,7 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride
             g = k0 // GROUP
             scale = tl.load(s_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
             mn = tl.load(z_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
-            if MAGIC:  # 1 + q/16 by bits, no int->float convert (see the GEMV)
-                f = ((codes << 19) | 0x3F800000).to(tl.float32, bitcast=True)
-                w = (f * (16.0 * scale)[None, :] + (mn - 16.0 * scale)[None, :]).to(x.dtype)
-            else:
-                w = (codes.to(tl.float32) * scale[None, :] + mn[None, :]).to(x.dtype)
+            w = (codes.to(tl.float32) * scale[None, :] + mn[None, :]).to(x.dtype)
         else:
             q = tl.load(w_cols + offs_k[:, None], mask=mask_n[None, :], other=0)
             if FP8:  # e4m3 codes arrive as bytes (a masked fp8 load cannot take a fill value)
@@ -78,7 +74,7 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_stride, s_stride, out_stride,
                  M: tl.constexpr, BITS: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, MAGIC: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, XMODE: tl.constexpr):
     """A few rows of x against [BLOCK_N, K] of W: the weight tile is read once, K-contiguous
     (vector loads), and products stay elementwise in registers until one reduction at the end;
     no tensor cores, no split-K buffer. BLOCK_K spans whole int4 groups, so each iteration has
@@ -89,41 +85,48 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_stride, 
     rows = tl.arange(0, BLOCK_M)
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * w_stride
     if BITS == 4:
-        # Nibble plane j of the [BLOCK_N, BLOCK_K/8] words meets x[k0 + j + 8i]; word i belongs to
-        # group (k0 + 8i) // GROUP, whose scale and min are gathered per word (cache-line hits).
-        # Widening is the cost here, not memory: an int->float convert runs at a quarter of the
-        # FMA rate. So nibble q is moved into the top mantissa bits of 1.0f instead (a shift and a
-        # mask), giving f = 1 + q/16 exactly, and x . w = 16 s (x . f) + (min - 16 s) sum(x).
-        WORDS: tl.constexpr = BLOCK_K // 8
-        i8 = tl.arange(0, WORDS)
-        acc = tl.zeros([BLOCK_M, BLOCK_N, WORDS], dtype=tl.float32)
+        # The tile is [BLOCK_N, G groups, GROUP/8 words]: scales and mins load once per group and
+        # broadcast over its words. Nibble plane j meets the x elements XMODE says: 0, words packed
+        # k = 8i + j (x strided by 8); 1, the same with x given transposed as [8, K/8]; 2, words
+        # packed plane-major within a group, k = g*GROUP + j*GROUP/8 + i (x runs contiguous).
+        # The nibble q goes into the top mantissa bits of 1.0f (a shift and a mask, no int->float
+        # convert): f = 1 + q/16 exactly, and x . w = 16 s (x . f) + (min - 16 s) sum(x).
+        WG: tl.constexpr = GROUP // 8
+        G: tl.constexpr = BLOCK_K // GROUP
+        gi = tl.arange(0, G)
+        wi = tl.arange(0, WG)
+        word = gi[:, None] * WG + wi[None, :]  # [G, WG] word index within the tile
+        acc = tl.zeros([BLOCK_M, BLOCK_N, G, WG], dtype=tl.float32)
         s_rows = offs_n[:, None].to(tl.int64) * s_stride
         for k0 in range(0, K, BLOCK_K):
-            packed = tl.load(w_rows + (k0 // 8 + i8)[None, :], mask=mask_n[:, None], other=0)
-            g = (k0 // GROUP + i8 // (GROUP // 8))[None, :]
+            packed = tl.load(w_rows[:, :, None] + (k0 // 8 + word)[None, :, :], mask=mask_n[:, None, None], other=0)
+            g = (k0 // GROUP + gi)[None, :]
             scale = tl.load(s_ptr + s_rows + g, mask=mask_n[:, None], other=0.0).to(tl.float32) * 16.0
             mn = tl.load(z_ptr + s_rows + g, mask=mask_n[:, None], other=0.0).to(tl.float32) - scale
             for m in tl.static_range(M):
-                t = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
-                xs = tl.zeros([WORDS], dtype=tl.float32)
+                t = tl.zeros([BLOCK_N, G, WG], dtype=tl.float32)
+                xs = tl.zeros([G, WG], dtype=tl.float32)
                 for j in tl.static_range(8):
-                    xj = tl.load(x_ptr + m * x_stride + k0 + j + 8 * i8).to(tl.float32)
-                    if MAGIC:
-                        if 4 * j <= 19:
-                            bits = (packed << (19 - 4 * j)) & 0x780000
-                        else:
-                            bits = (packed >> (4 * j - 19)) & 0x780000
-                        f = (bits | 0x3F800000).to(tl.float32, bitcast=True)
+                    if XMODE == 0:
+                        xj = tl.load(x_ptr + m * x_stride + k0 + 8 * word + j)
+                    elif XMODE == 1:
+                        xj = tl.load(x_ptr + m * x_stride + j * (K // 8) + k0 // 8 + word)
                     else:
-                        f = ((packed >> (4 * j)) & 0xF).to(tl.float32) * 0.0625 + 1.0
-                    t += f * xj[None, :]
+                        xj = tl.load(x_ptr + m * x_stride + k0 + gi[:, None] * GROUP + j * WG + wi[None, :])
+                    xj = xj.to(tl.float32)
+                    if 4 * j <= 19:
+                        bits = (packed << (19 - 4 * j)) & 0x780000
+                    else:
+                        bits = (packed >> (4 * j - 19)) & 0x780000
+                    f = (bits | 0x3F800000).to(tl.float32, bitcast=True)
+                    t += f * xj[None, :, :]
                     xs += xj
-                contrib = (t * scale + mn * xs[None, :])[None, :, :]
+                contrib = (t * scale[:, :, None] + mn[:, :, None] * xs[None, :, :])[None, :, :, :]
                 if M == 1:
                     acc += contrib
                 else:
-                    acc += tl.where(rows[:, None, None] == m, contrib, 0.0)
-        out = tl.sum(acc, axis=2)
+                    acc += tl.where(rows[:, None, None, None] == m, contrib, 0.0)
+        out = tl.sum(tl.sum(acc, axis=3), axis=2)
     else:  # a byte per weight: BLOCK_K is wide, so reduce per tile to keep registers few
         offs_k = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -194,8 +197,6 @@ GEMV_MAX_M = {4: 4, 8: 1}
 GEMV_TILES = {4: (8, 1024, 4, 4), 8: (4, 1024, 2, 2)}
 # Past this many rows int4 is dequantized once to a scratch and cuBLAS does the compute-bound rest.
 INT4_TC_MAX_M = 512
-# Widen int4 codes by bit tricks rather than int->float converts (a switch for the sweeps).
-INT4_MAGIC = True
 
 
 def _tiles(M: int, on_gpu: bool) -> tuple[int, int, int, int, int]:
@@ -207,8 +208,18 @@ def _tiles(M: int, on_gpu: bool) -> tuple[int, int, int, int, int]:
     return block_m, block_n, block_k, 4, 3
 
 
+def _int4_block_k(block_k: int, K: int, group: int) -> int:
+    """The most whole groups, a power of two of them, up to block_k that tile K exactly."""
+    if group & (group - 1):
+        raise ValueError(f"int4 group size must be a power of two, got {group}")
+    ng, per = K // group, 1
+    while per * 2 * group <= block_k and ng % (per * 2) == 0:
+        per *= 2
+    return per * group
+
+
 def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int,
-         group: int, tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+         group: int, tiles: tuple[int, int, int, int] | None = None, xmode: int = 0) -> torch.Tensor:
     """The register GEMV for a few rows of x; `tiles` overrides GEMV_TILES (for sweeps)."""
     M, K = x.shape
     N = w.shape[0]
@@ -216,7 +227,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
         w = w.view(torch.uint8)  # the kernel widens e4m3 bytes itself
     block_n, block_k, warps, stages = tiles or (GEMV_TILES[bits] if x.is_cuda else (16, 128, 4, 1))
     if bits == 4:
-        block_k = max(group, min(block_k, K) // group * group)  # whole groups
+        block_k = _int4_block_k(block_k, K, group)
+        if xmode == 1:
+            x = x.view(M, K // 8, 8).transpose(1, 2).contiguous()
     else:
         block_k = min(block_k, K)
     if K % block_k:
@@ -226,7 +239,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
                                              x.stride(0), w.stride(0), scales.stride(0), out.stride(0), M=M,
                                              BITS=bits, FP8=w.dtype == torch.uint8, GROUP=group,
                                              BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k,
-                                             MAGIC=INT4_MAGIC, num_warps=warps, num_stages=stages)
+                                             XMODE=xmode, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -255,7 +268,7 @@ def tensor_core_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, m
     _woq_kernel[grid](x, w, scales, mins if mins is not None else scales, out, M, N, K, x.stride(0), w.stride(0),
                       scales.stride(0), out.stride(0), K // splits, BITS=bits, FP8=w.dtype == torch.uint8,
                       GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-                      num_stages=stages, IEEE=x.dtype == torch.float32, MAGIC=INT4_MAGIC)
+                      num_stages=stages, IEEE=x.dtype == torch.float32)
     return out.to(x.dtype)
 
 
