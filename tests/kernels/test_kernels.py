@@ -224,8 +224,8 @@ def test_fp8_linear_triton_path_matches_reference(m):
     """Small batches take the weight-only kernel (x unquantized), larger ones quantize x per token."""
     from kiln.kernels import quant
 
-    x = torch.randn(m, 256)
-    q, s = quant.quantize_fp8(torch.randn(48, 256) * 0.02)
+    x = torch.randn(m, 256, device=DEV)
+    q, s = quant.quantize_fp8(torch.randn(48, 256, device=DEV) * 0.02)
     with backend.use("triton"):
         y = quant.fp8_linear(x, q, s, None)
     tol = 5e-2 if m <= quant.FP8_WEIGHT_ONLY_MAX_M else 1e-5  # activation rounding vs none
