@@ -228,7 +228,9 @@ def test_fp8_linear_triton_path_matches_reference(m):
     q, s = quant.quantize_fp8(torch.randn(48, 256, device=DEV) * 0.02)
     with backend.use("triton"):
         y = quant.fp8_linear(x, q, s, None)
-    tol = 5e-2 if m <= quant.FP8_WEIGHT_ONLY_MAX_M else 1e-5  # activation rounding vs none
+    # Weight-only: x is not rounded, the reference rounds it. Else the same codes; on a GPU the
+    # GEMM is _scaled_mm with fast accumulation, in the interpreter the reference's own GEMM.
+    tol = 5e-2 if m <= quant.FP8_WEIGHT_ONLY_MAX_M else (1e-2 if CUDA else 1e-5)
     assert rel_err(y, quant.fp8_linear_ref(x, q, s, None)) < tol
 
 
