@@ -124,7 +124,7 @@ def main() -> None:
     figures: dict = {"weight_bytes_per_layer": bytes_}
     xmode = 0
     if args.sweep:
-        g4 = list(itertools.product((2, 4, 8), (1024, 2048, 4096), (1, 2, 4), (1,), (0, 2)))
+        g4 = list(itertools.product((2, 4, 8), (512, 1024, 2048), (1, 2, 4), (1,), (0, 2)))
         figures["sweep_int4_m1_ms"] = s4 = sweep(ws, "int4-gemv", 1, g4)
         bn, bk, w, st, xmode = best(s4)
         quant_triton.GEMV_TILES[4] = (bn, bk, w, st)

@@ -98,11 +98,21 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_stride, 
         word = gi[:, None] * WG + wi[None, :]  # [G, WG] word index within the tile
         acc = tl.zeros([BLOCK_M, BLOCK_N, G, WG], dtype=tl.float32)
         s_rows = offs_n[:, None].to(tl.int64) * s_stride
+        # The next tile's loads are issued before this tile's arithmetic (which is long: eight
+        # planes per word), so memory stays busy while the ALUs work.
+        w_tile = w_rows[:, :, None] + word[None, :, :]
+        s_tile = s_rows + gi[None, :]
+        nxt_w = tl.load(w_tile, mask=mask_n[:, None, None], other=0)
+        nxt_s = tl.load(s_ptr + s_tile, mask=mask_n[:, None], other=0.0)
+        nxt_z = tl.load(z_ptr + s_tile, mask=mask_n[:, None], other=0.0)
         for k0 in range(0, K, BLOCK_K):
-            packed = tl.load(w_rows[:, :, None] + (k0 // 8 + word)[None, :, :], mask=mask_n[:, None, None], other=0)
-            g = (k0 // GROUP + gi)[None, :]
-            scale = tl.load(s_ptr + s_rows + g, mask=mask_n[:, None], other=0.0).to(tl.float32) * 16.0
-            mn = tl.load(z_ptr + s_rows + g, mask=mask_n[:, None], other=0.0).to(tl.float32) - scale
+            packed = nxt_w
+            scale = nxt_s.to(tl.float32) * 16.0
+            mn = nxt_z.to(tl.float32) - scale
+            more = k0 + BLOCK_K + gi * 0 < K  # (a tensor: a scalar mask does not broadcast everywhere)
+            nxt_w = tl.load(w_tile + (k0 + BLOCK_K) // 8, mask=mask_n[:, None, None] & more[None, :, None], other=0)
+            nxt_s = tl.load(s_ptr + s_tile + (k0 + BLOCK_K) // GROUP, mask=mask_n[:, None] & more[None, :], other=0.0)
+            nxt_z = tl.load(z_ptr + s_tile + (k0 + BLOCK_K) // GROUP, mask=mask_n[:, None] & more[None, :], other=0.0)
             for m in tl.static_range(M):
                 t = tl.zeros([BLOCK_N, G, WG], dtype=tl.float32)
                 xs = tl.zeros([G, WG], dtype=tl.float32)
