@@ -88,8 +88,10 @@ def main() -> None:
         for path in args.merge:
             with open(path) as f:
                 rec = json.load(f)
-            figures.update(rec["figures"])
-            parts.append({k: rec[k] for k in ("benchmark", "device", "date", "git_commit", "command", "torch")})
+            figures.update(rec["figures"])  # a later file's run replaces an earlier file's
+            # A file that is itself a merge brings its parts, so every figure keeps its provenance.
+            parts.extend(rec.get("parts") or [{k: rec[k] for k in ("benchmark", "device", "date", "git_commit",
+                                                                     "command", "torch")}])
             if rec["device"] != parts[0]["device"]:
                 raise ValueError(f"{path} ran on {rec['device']}, not {parts[0]['device']}")
     else:

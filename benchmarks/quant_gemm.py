@@ -43,9 +43,7 @@ def make_weights() -> dict:
         w = torch.randn(n, k, device="cuda") * 0.02
         p, sc, mn = quant.quantize_int4(w, 128)
         f8, fs = quant.quantize_fp8(w)
-        codes = quant.unpack_int4(p)  # plane-major within each group: k = g*128 + 16j + i
-        planar = quant.pack_int4(codes.view(n, k // 128, 8, 16).transpose(2, 3).reshape(n, k))
-        out[name] = {"bf16": w.to(DT), "int4": (p, sc, mn), "fp8": (f8, fs), "int4p": (planar, sc, mn)}
+        out[name] = {"bf16": w.to(DT), "int4": (p, sc, mn), "fp8": (f8, fs)}
     return out
 
 
@@ -54,7 +52,7 @@ def weight_bytes(ws: dict, fmt: str) -> int:
                for w in ws.values())
 
 
-def layer_ms(ws: dict, M: int, path: str, tiles=None, check: bool = False, xmode: int = 0) -> float:
+def layer_ms(ws: dict, M: int, path: str, tiles=None, check: bool = False) -> float:
     """Sum over the four shapes of one path at M rows."""
     xs = {name: torch.randn(M, k, device="cuda", dtype=DT) for name, (_, k) in SHAPES.items()}
 
@@ -63,8 +61,7 @@ def layer_ms(ws: dict, M: int, path: str, tiles=None, check: bool = False, xmode
         if path == "bf16":
             return F.linear(x, w["bf16"])
         if path == "int4-gemv":
-            return quant_triton.gemv(x, *w["int4p" if xmode == 2 else "int4"], bits=4, group=128, tiles=tiles,
-                                     xmode=xmode)
+            return quant_triton.gemv(x, *w["int4"], bits=4, group=128, tiles=tiles)
         if path == "int4-tc":
             return quant_triton.tensor_core_linear(x, *w["int4"], bits=4, group=128)
         if path == "int4-dequant":
@@ -94,12 +91,12 @@ def layer_ms(ws: dict, M: int, path: str, tiles=None, check: bool = False, xmode
 
 
 def sweep(ws: dict, path: str, M: int, grid) -> dict:
-    """grid: (BLOCK_N, BLOCK_K, num_warps, num_stages, the int4 GEMV's x mode)."""
+    """grid: (BLOCK_N, BLOCK_K, num_warps, num_stages)."""
     res = {}
-    for bn, bk, w, st, xmode in grid:
-        key = f"n{bn}-k{bk}-w{w}-s{st}-x{xmode}"
+    for bn, bk, w, st in grid:
+        key = f"n{bn}-k{bk}-w{w}-s{st}"
         try:
-            res[key] = round(layer_ms(ws, M, path, tiles=(bn, bk, w, st), check=True, xmode=xmode), 4)
+            res[key] = round(layer_ms(ws, M, path, tiles=(bn, bk, w, st), check=True), 4)
         except Exception as e:  # e.g. out of registers or shared memory
             res[key] = f"{type(e).__name__}: {str(e)[:80]}"
         print(path, M, key, res[key], flush=True)
@@ -122,32 +119,28 @@ def main() -> None:
     ws = make_weights()
     bytes_ = {"bf16": weight_bytes(ws, "bf16"), "int4": weight_bytes(ws, "int4"), "fp8": weight_bytes(ws, "fp8")}
     figures: dict = {"weight_bytes_per_layer": bytes_}
-    xmode = 0
     if args.sweep:
-        g4 = list(itertools.product((2, 4, 8), (512, 1024, 2048), (1, 2, 4), (1,), (0, 2)))
+        g4 = list(itertools.product((2, 4, 8), (512, 1024, 2048), (2, 4, 8), (2,)))
         figures["sweep_int4_m1_ms"] = s4 = sweep(ws, "int4-gemv", 1, g4)
-        bn, bk, w, st, xmode = best(s4)
-        quant_triton.GEMV_TILES[4] = (bn, bk, w, st)
+        quant_triton.GEMV_TILES[4] = bn, bk, w, st = best(s4)
         if args.sweep_fp8:
-            g8 = list(itertools.product((4, 8, 16), (256, 512, 1024), (2, 4, 8), (2, 4), (0,)))
+            g8 = list(itertools.product((4, 8, 16), (256, 512, 1024), (2, 4, 8), (2, 4)))
             figures["sweep_fp8_m1_ms"] = s8 = sweep(ws, "fp8-gemv", 1, g8)
-            quant_triton.GEMV_TILES[8] = best(s8)[:4]
-        g4m = sorted({(bn, bk, w, st, xmode), (bn, bk // 2, w, st, xmode), (max(4, bn // 2), bk, w, st, xmode),
-                      (bn, bk, 8, st, xmode), (max(4, bn // 2), bk // 2, w, st, xmode),
-                      (max(4, bn // 2), bk // 2, 8, st, xmode)})
+            quant_triton.GEMV_TILES[8] = best(s8)
+        g4m = sorted({(bn, bk, w, st), (bn, bk // 2, w, st), (max(2, bn // 2), bk, w, st), (bn, bk, 8, st),
+                      (max(2, bn // 2), bk // 2, w, st), (max(2, bn // 2), bk // 2, 8, st)})
         for m in (2, 4):
             figures[f"sweep_int4_m{m}_ms"] = sweep(ws, "int4-gemv", m, g4m)
-    figures["int4_gemv_xmode"] = xmode
     figures["gemv_tiles"] = {str(b): quant_triton.GEMV_TILES[b] for b in (4, 8)}
     rows = {}
     for M in args.rows:
         row = {"bf16_ms": layer_ms(ws, M, "bf16")}
         paths = ["int4-tc", "fp8-tc", "fp8-scaled-mm", "int4-dequant"]
-        if M <= 8:
+        if M <= 4:
             paths = ["int4-gemv", "fp8-gemv"] + paths
         for p in paths:
             try:
-                row[p + "_ms"] = layer_ms(ws, M, p, check=True, xmode=xmode)
+                row[p + "_ms"] = layer_ms(ws, M, p, check=True)
             except Exception as e:
                 row[p + "_ms"] = f"{type(e).__name__}: {str(e)[:120]}"
         for p, fmt in (("bf16", "bf16"), ("int4-gemv", "int4"), ("fp8-gemv", "fp8")):

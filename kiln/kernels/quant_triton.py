@@ -6,8 +6,10 @@ and keeps products elementwise until one reduction at the end. int4 codes sit
 eight to an int32 along K; nibble j of word i is k = 8i + j, so nibble plane j
 meets the strided x slice x[j::8] and the packed tile is never reshaped. With
 w = code * scale + min per group, word i contributes
-scale_g * (x . codes) + min_g * sum(x) for its group g. Tiles span several
-groups: the bytes in flight per program, not the arithmetic, set the speed.
+scale_g * (x . codes) + min_g * sum(x) for its group g. fp8 streams at ~86% of
+the copy ceiling; int4 at ~40%, bound by instruction issue (widening and x
+handling, ~9 instructions per weight), which only packed-half or tensor-core
+dequantization would lift.
 
 Larger batches: a tensor-core kernel widens the codes (8-bit, or int4
 unpacked and scaled per group) in registers, K split over programs when
@@ -74,11 +76,10 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_stride, s_stride, out_stride,
                  M: tl.constexpr, BITS: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, XMODE: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
     """A few rows of x against [BLOCK_N, K] of W: the weight tile is read once, K-contiguous
     (vector loads), and products stay elementwise in registers until one reduction at the end;
-    no tensor cores, no split-K buffer. BLOCK_K spans whole int4 groups, so each iteration has
-    BLOCK_N * BLOCK_K * BITS / 8 bytes in flight: enough of them hide the memory latency."""
+    no tensor cores, no split-K buffer. For int4, BLOCK_K spans whole groups."""
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -86,44 +87,26 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_stride, 
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * w_stride
     if BITS == 4:
         # The tile is [BLOCK_N, G groups, GROUP/8 words]: scales and mins load once per group and
-        # broadcast over its words. Nibble plane j meets the x elements XMODE says: 0, words packed
-        # k = 8i + j (x strided by 8); 1, the same with x given transposed as [8, K/8]; 2, words
-        # packed plane-major within a group, k = g*GROUP + j*GROUP/8 + i (x runs contiguous).
-        # The nibble q goes into the top mantissa bits of 1.0f (a shift and a mask, no int->float
-        # convert): f = 1 + q/16 exactly, and x . w = 16 s (x . f) + (min - 16 s) sum(x).
+        # broadcast over its words; nibble plane j of word i meets x[k0 + 8i + j]. The nibble q
+        # goes into the top mantissa bits of 1.0f (shift, mask, or: no int->float convert, a
+        # quarter-rate instruction), f = 1 + q/16 exactly, and x . w = 16 s (x . f) + (min - 16 s) sum(x).
+        # Still bound by instruction issue (~9 per weight, a third of them on x), not by memory.
         WG: tl.constexpr = GROUP // 8
         G: tl.constexpr = BLOCK_K // GROUP
         gi = tl.arange(0, G)
-        wi = tl.arange(0, WG)
-        word = gi[:, None] * WG + wi[None, :]  # [G, WG] word index within the tile
+        word = gi[:, None] * WG + tl.arange(0, WG)[None, :]  # [G, WG] word index within the tile
         acc = tl.zeros([BLOCK_M, BLOCK_N, G, WG], dtype=tl.float32)
         s_rows = offs_n[:, None].to(tl.int64) * s_stride
-        # The next tile's loads are issued before this tile's arithmetic (which is long: eight
-        # planes per word), so memory stays busy while the ALUs work.
-        w_tile = w_rows[:, :, None] + word[None, :, :]
-        s_tile = s_rows + gi[None, :]
-        nxt_w = tl.load(w_tile, mask=mask_n[:, None, None], other=0)
-        nxt_s = tl.load(s_ptr + s_tile, mask=mask_n[:, None], other=0.0)
-        nxt_z = tl.load(z_ptr + s_tile, mask=mask_n[:, None], other=0.0)
         for k0 in range(0, K, BLOCK_K):
-            packed = nxt_w
-            scale = nxt_s.to(tl.float32) * 16.0
-            mn = nxt_z.to(tl.float32) - scale
-            more = k0 + BLOCK_K + gi * 0 < K  # (a tensor: a scalar mask does not broadcast everywhere)
-            nxt_w = tl.load(w_tile + (k0 + BLOCK_K) // 8, mask=mask_n[:, None, None] & more[None, :, None], other=0)
-            nxt_s = tl.load(s_ptr + s_tile + (k0 + BLOCK_K) // GROUP, mask=mask_n[:, None] & more[None, :], other=0.0)
-            nxt_z = tl.load(z_ptr + s_tile + (k0 + BLOCK_K) // GROUP, mask=mask_n[:, None] & more[None, :], other=0.0)
+            packed = tl.load(w_rows[:, :, None] + (k0 // 8 + word)[None, :, :], mask=mask_n[:, None, None], other=0)
+            g = (k0 // GROUP + gi)[None, :]
+            scale = tl.load(s_ptr + s_rows + g, mask=mask_n[:, None], other=0.0).to(tl.float32) * 16.0
+            mn = tl.load(z_ptr + s_rows + g, mask=mask_n[:, None], other=0.0).to(tl.float32) - scale
             for m in tl.static_range(M):
                 t = tl.zeros([BLOCK_N, G, WG], dtype=tl.float32)
                 xs = tl.zeros([G, WG], dtype=tl.float32)
                 for j in tl.static_range(8):
-                    if XMODE == 0:
-                        xj = tl.load(x_ptr + m * x_stride + k0 + 8 * word + j)
-                    elif XMODE == 1:
-                        xj = tl.load(x_ptr + m * x_stride + j * (K // 8) + k0 // 8 + word)
-                    else:
-                        xj = tl.load(x_ptr + m * x_stride + k0 + gi[:, None] * GROUP + j * WG + wi[None, :])
-                    xj = xj.to(tl.float32)
+                    xj = tl.load(x_ptr + m * x_stride + k0 + 8 * word + j).to(tl.float32)
                     if 4 * j <= 19:
                         bits = (packed << (19 - 4 * j)) & 0x780000
                     else:
@@ -201,12 +184,12 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count if torch.cuda.is_available() else 16
 
 
-# Up to this many rows (by bits) the register GEMV beats the tensor-core kernel (H100 sweep).
-GEMV_MAX_M = {4: 4, 8: 1}
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV, by bits (H100 sweep).
-GEMV_TILES = {4: (8, 1024, 4, 4), 8: (4, 1024, 2, 2)}
+# Up to this many rows (by bits) the register GEMV beats the tensor-core kernel, and
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV: benchmarks/quant_gemm.py on the H100.
+GEMV_MAX_M = {4: 2, 8: 1}
+GEMV_TILES = {4: (8, 1024, 8, 2), 8: (4, 1024, 2, 2)}
 # Past this many rows int4 is dequantized once to a scratch and cuBLAS does the compute-bound rest.
-INT4_TC_MAX_M = 512
+INT4_TC_MAX_M = 64
 
 
 def _tiles(M: int, on_gpu: bool) -> tuple[int, int, int, int, int]:
@@ -229,7 +212,7 @@ def _int4_block_k(block_k: int, K: int, group: int) -> int:
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int,
-         group: int, tiles: tuple[int, int, int, int] | None = None, xmode: int = 0) -> torch.Tensor:
+         group: int, tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """The register GEMV for a few rows of x; `tiles` overrides GEMV_TILES (for sweeps)."""
     M, K = x.shape
     N = w.shape[0]
@@ -238,8 +221,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
     block_n, block_k, warps, stages = tiles or (GEMV_TILES[bits] if x.is_cuda else (16, 128, 4, 1))
     if bits == 4:
         block_k = _int4_block_k(block_k, K, group)
-        if xmode == 1:
-            x = x.view(M, K // 8, 8).transpose(1, 2).contiguous()
     else:
         block_k = min(block_k, K)
     if K % block_k:
@@ -249,7 +230,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
                                              x.stride(0), w.stride(0), scales.stride(0), out.stride(0), M=M,
                                              BITS=bits, FP8=w.dtype == torch.uint8, GROUP=group,
                                              BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k,
-                                             XMODE=xmode, num_warps=warps, num_stages=stages)
+                                             num_warps=warps, num_stages=stages)
     return out
 
 

@@ -181,7 +181,7 @@ def test_decode_ignores_padding_rows():
 # -- quantized GEMMs and the FP8 KV cache --------------------------------------------
 
 @pytest.mark.parametrize("m, n, k, dtype", [
-    (1, 96, 256, torch.float32), (3, 40, 512, torch.float16), (5, 64, 512, torch.float16),
+    (1, 96, 256, torch.float32), (2, 40, 512, torch.float16), (5, 64, 512, torch.float16),
     (33, 48, 256, torch.float32), pytest.param(1, 4096, 4096, torch.bfloat16, marks=pytest.mark.gpu),
     pytest.param(16, 14336 * 2, 4096, torch.bfloat16, marks=pytest.mark.gpu),
     pytest.param(256, 4096, 14336, torch.bfloat16, marks=pytest.mark.gpu),
@@ -203,6 +203,19 @@ def test_weight_only_gemm(m, n, k, dtype):
         p, sc, mn = quant.quantize_int4(w, group)
         ref4 = quant.int4_linear_ref(x.float(), p, sc, mn, None)
         assert rel_err(quant_triton.woq_linear(x, p, sc, mn, bits=4, group=group), ref4) < TOL[dtype]
+
+
+@pytest.mark.parametrize("m", [1, 2, 7])
+def test_int4_gemm_groups_not_a_power_of_two_per_row(m):
+    """SmolLM2's K = 576 is 18 groups of 32 (9 of 64): the GEMV's tiles must still cover K exactly."""
+    from kiln.kernels import quant, quant_triton
+
+    x = torch.randn(m, 576, device=DEV)
+    w = torch.randn(24, 576, device=DEV) * 0.02
+    for group in (32, 64):
+        p, sc, mn = quant.quantize_int4(w, group)
+        got = quant_triton.woq_linear(x, p, sc, mn, bits=4, group=group)
+        assert rel_err(got, quant.int4_linear_ref(x, p, sc, mn, None)) < 1e-4
 
 
 def test_quantizers_round_trip():
