@@ -186,7 +186,7 @@ def _num_sms(index: int) -> int:
 
 # Up to this many rows (by bits) the register GEMV beats the tensor-core kernel, and
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV: benchmarks/quant_gemm.py on the H100.
-GEMV_MAX_M = {4: 2, 8: 1}
+GEMV_MAX_M = {4: 1, 8: 1}
 GEMV_TILES = {4: (8, 1024, 8, 2), 8: (4, 1024, 2, 2)}
 # Past this many rows int4 is dequantized once to a scratch and cuBLAS does the compute-bound rest.
 INT4_TC_MAX_M = 64
