@@ -13,8 +13,10 @@ the same bytes as quantizing each shard.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import gc
 import hashlib
 import json
 import logging
@@ -63,16 +65,54 @@ class _Progress:
 
 
 class Builder:
-    def __init__(self, config: EngineConfig, verbose: bool = True, dense_random: bool = False) -> None:
+    def __init__(self, config: EngineConfig, verbose: bool = True, dense_random: bool = False,
+                 trial_start: bool = True) -> None:
         """`dense_random`: for random weights, draw a dense model and quantize it as a checkpoint
         would be (calibration and AWQ on random tokens) instead of drawing quantized codes:
-        what timing a real build needs."""
+        what timing a real build needs. `trial_start`: compile the engine's kernels into it
+        (GPU, one rank)."""
         self.config = config
         self.verbose = verbose
         self.dense_random = dense_random
+        self.trial_start = trial_start
 
     def build(self, out_dir: str, source: ModelSource | None = None) -> dict:
-        """Write the engine to `out_dir`; returns its engine.json contents."""
+        """Write the engine to `out_dir`; returns its engine.json contents.
+
+        On a GPU, a one-rank engine also gets the Triton kernels its loads need, compiled by a
+        trial start at the end (kernel_cache): the first load on a fresh machine then finds
+        them instead of compiling for ~15 s. Kernels compiled while calibrating count too."""
+        from kiln.workers import kernel_cache
+        from kiln.workers.engine import resolve_device
+
+        cfg = self.config
+        device = resolve_device(cfg.device)
+        os.makedirs(out_dir, exist_ok=True)
+        one_rank = cfg.parallel.tensor_parallel_size * cfg.parallel.pipeline_parallel_size == 1
+        with kernel_cache.recording(out_dir, device) if one_rank else contextlib.nullcontext():
+            meta = self._build(out_dir, source)
+            if device.type == "cuda" and one_rank and self.trial_start:
+                self._trial_start(out_dir, meta)
+        return meta
+
+    def _trial_start(self, out_dir: str, meta: dict) -> None:
+        """Start an engine of the built layout (random values: kernels depend on shapes and
+        dtypes only) so that every kernel a load compiles is compiled now."""
+        from kiln.workers.engine import Engine
+
+        t = time.perf_counter()
+        gc.collect()  # the built model is gone: give its memory back before the KV budget is taken
+        torch.cuda.empty_cache()
+        q = QuantConfig(**meta["build"]["quant"])
+        source = ModelSource(name="trial start", path=out_dir, config=ModelConfig(**meta["model"]),
+                             weights=None, tokenizer=None)
+        engine = Engine(dataclasses.replace(self.config, quant=q, dtype=meta["build"]["dtype"]), source)
+        del engine
+        torch.cuda.empty_cache()
+        if self.verbose:
+            print(f"kiln build: compiled the engine's kernels ({time.perf_counter() - t:.1f}s)", flush=True)
+
+    def _build(self, out_dir: str, source: ModelSource | None) -> dict:
         from safetensors.torch import save_file
 
         from kiln.workers.engine import resolve_device, resolve_dtype

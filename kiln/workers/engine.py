@@ -6,6 +6,7 @@ once; decode-only steps on CUDA replay a captured graph.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -19,6 +20,7 @@ from kiln.config import EngineConfig, ModelConfig
 from kiln.kernels import backend
 from kiln.kernels.attention import AttentionMetadata
 from kiln.scheduler.scheduler import ScheduledSeq
+from kiln.workers import kernel_cache
 from kiln.workers.loaders import ModelSource
 from kiln.workers.models import LlamaForCausalLM
 from kiln.workers.parallel import ParallelContext
@@ -76,10 +78,15 @@ class Engine:
             torch.cuda.set_device(self.device)
         t0 = time.perf_counter()
         quant = config.quant
+        bundle = contextlib.nullcontext()  # records the kernels a built engine's first load compiles
         if source.engine is not None:  # a built engine: this rank's file, straight onto the device
             from kiln.workers.builder import check_engine, load_engine_model
 
             check_engine(source.engine, source.path, self.device, self.ctx.tp_size, self.ctx.pp_size)
+            if self.device.type == "cuda":  # compiled kernels first, so the warm-up below finds them
+                kernel_cache.restore(source.path, self.device)
+                if self.ctx.tp_rank == 0 and self.ctx.pp_rank == 0:
+                    bundle = kernel_cache.recording(source.path, self.device)
             self.model, quant, self.dtype = load_engine_model(source.engine, source.path, self.ctx, self.device,
                                                               self.max_model_len)
         elif source.weights is None:  # random weights, drawn directly in the quantized format
@@ -120,15 +127,18 @@ class Engine:
         attn = self.model.layers[0].self_attn if len(self.model.layers) else None
         self.num_kv_heads = attn.num_kv_heads if attn else 1
         self.kv_cache: torch.Tensor | None = None
-        self.num_blocks = self._num_blocks()
-        self._allocate_kv_cache(self.num_blocks)
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        if self.device.type == "cuda" and not config.enforce_eager and backend.use_triton(self.model.cos_sin) \
-                and self.ctx.pp_size == 1:
-            self._capture_graphs()
-        if self.device.type == "cuda" and self.ctx.pp_size == 1:
-            self._warmup()
+        with bundle:  # every kernel variant a step can need is compiled from here on
+            self.num_blocks = self._num_blocks()
+            self._allocate_kv_cache(self.num_blocks)
+            if self.device.type == "cuda" and not config.enforce_eager and backend.use_triton(self.model.cos_sin) \
+                    and self.ctx.pp_size == 1:
+                self._capture_graphs()
+            if self.device.type == "cuda" and self.ctx.pp_size == 1:
+                self._warmup()
+        if self.device.type == "cuda":
+            kernel_cache.mark_compiled()
 
     # -- KV cache ------------------------------------------------------------
 

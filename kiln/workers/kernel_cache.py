@@ -1,0 +1,142 @@
+"""Compiled Triton kernels travel inside an engine directory.
+
+A load on a machine that has never compiled kiln's kernels spends most of its
+time in Triton's compiler (8B on an H100: ~15 s of a ~25 s load). Triton keeps
+what it compiles in a cache directory of entries named by a hash of the
+kernel source, its specialization, the GPU target and the compiler version;
+an entry copied into another machine's cache is found there by the same
+hash. So an engine carries, per GPU kind and software stack, the entries its
+loads compile (`kernels/<target>/`): the build records them with a trial
+start (one rank), or else the first load records them, and every later load
+first merges them into the local cache. An entry that does not match
+(another GPU, another Triton) is simply never looked up; correctness never
+depends on the bundle, only load time.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+
+import torch
+
+log = logging.getLogger("kiln.kernels")
+
+BUNDLE_DIR = "kernels"
+# active: a recording is under way (a nested one, e.g. a build's trial start, adds nothing);
+# compiled: this process has compiled kiln's kernels, so a new recording would miss those.
+_state = {"active": False, "compiled": False}
+
+
+def mark_compiled() -> None:
+    _state["compiled"] = True
+
+
+def active_cache_dir() -> str:
+    """Where Triton reads and writes compiled kernels in this process now."""
+    if os.environ.get("TRITON_CACHE_DIR"):
+        return os.environ["TRITON_CACHE_DIR"]
+    try:
+        from triton import knobs
+        return knobs.cache.dir
+    except Exception:  # Triton before its knobs module
+        return os.path.join(os.path.expanduser("~"), ".triton", "cache")
+
+
+def target_name(device: torch.device) -> str:
+    """GPU kind and software versions: a bundle is only worth restoring onto the same."""
+    import triton
+
+    props = torch.cuda.get_device_properties(device)
+    raw = f"{props.name}-sm{props.major}{props.minor}-triton{triton.__version__}-torch{torch.__version__}"
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", raw)
+
+
+def bundle_path(engine_dir: str, device: torch.device) -> str:
+    return os.path.join(engine_dir, BUNDLE_DIR, target_name(device))
+
+
+def _merge(src: str, dst: str) -> int:
+    """Copy cache entries (directories) of src missing from dst; returns how many."""
+    if not os.path.isdir(src):
+        return 0
+    os.makedirs(dst, exist_ok=True)
+    n = 0
+    for entry in os.listdir(src):
+        target = os.path.join(dst, entry)
+        if os.path.exists(target) or not os.path.isdir(os.path.join(src, entry)):
+            continue
+        tmp = tempfile.mkdtemp(dir=dst, prefix=".kiln-")  # whole entries appear atomically
+        try:
+            shutil.copytree(os.path.join(src, entry), os.path.join(tmp, entry))
+            os.replace(os.path.join(tmp, entry), target)
+            n += 1
+        except OSError:  # another process put it there first
+            pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return n
+
+
+def restore(engine_dir: str, device: torch.device) -> int:
+    """Merge the engine's kernels for this target into the local Triton cache."""
+    if device.type != "cuda":
+        return 0
+    n = _merge(bundle_path(engine_dir, device), active_cache_dir())
+    if n:
+        log.info("restored %d compiled kernels from %s", n, engine_dir)
+    return n
+
+
+def _writable(path: str) -> bool:
+    return os.access(path, os.W_OK)
+
+
+def recording(engine_dir: str, device: torch.device):
+    """Compile into a fresh cache directory for the duration, then keep what was compiled as
+    the engine's bundle (when it has none yet) and in the local cache.
+
+    Kernels this process compiled before are not compiled again and so would not be
+    recorded: a process that has compiled kiln's kernels records nothing (a build's trial
+    start and a served engine's first load run in fresh processes)."""
+    if device.type != "cuda" or not _writable(engine_dir):
+        return contextlib.nullcontext()
+    return record_into(bundle_path(engine_dir, device))
+
+
+@contextlib.contextmanager
+def record_into(dest: str):
+    if os.path.isdir(dest) or _state["active"] or _state["compiled"]:
+        yield
+        return
+    local = active_cache_dir()
+    before = os.environ.get("TRITON_CACHE_DIR")
+    tmp = tempfile.mkdtemp(prefix="kiln-triton-")
+    os.environ["TRITON_CACHE_DIR"] = tmp
+    _state["active"] = True
+    try:
+        yield
+    finally:
+        _state["active"] = False
+        _state["compiled"] = True
+        if before is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = before
+        try:
+            n = sum(os.path.isdir(os.path.join(tmp, e)) for e in os.listdir(tmp))
+            if n:
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                staging = tempfile.mkdtemp(dir=os.path.dirname(dest), prefix=".kiln-")
+                _merge(tmp, staging)
+                try:
+                    os.replace(staging, dest)  # a concurrent recorder may have won: theirs stands
+                except OSError:
+                    shutil.rmtree(staging, ignore_errors=True)
+                _merge(tmp, local)
+                log.info("recorded %d compiled kernels into %s", n, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

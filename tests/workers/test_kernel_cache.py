@@ -1,0 +1,93 @@
+"""Compiled kernels recorded into an engine and restored from it (kernel_cache).
+
+The mechanics run anywhere (Triton's cache is directories of files); the GPU
+test checks the point of it: a load in a fresh process with an empty Triton
+cache compiles nothing that the engine did not bring.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kiln.workers import kernel_cache
+
+
+@pytest.fixture
+def fresh_state(monkeypatch, tmp_path):
+    monkeypatch.setitem(kernel_cache._state, "active", False)
+    monkeypatch.setitem(kernel_cache._state, "compiled", False)
+    local = tmp_path / "local-cache"
+    local.mkdir()
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(local))
+    return local
+
+
+def _entry(root, name, payload="cubin"):
+    os.makedirs(os.path.join(root, name))
+    with open(os.path.join(root, name, "kernel.cubin"), "w") as f:
+        f.write(payload)
+
+
+def test_recording_keeps_what_was_compiled_and_restores_the_environment(fresh_state, tmp_path):
+    dest = str(tmp_path / "engine" / "kernels" / "gpu")
+    with kernel_cache.record_into(dest):
+        compiling_into = os.environ["TRITON_CACHE_DIR"]
+        assert compiling_into != str(fresh_state)  # a fresh directory: only this load's kernels
+        _entry(compiling_into, "AAA")
+        _entry(compiling_into, "BBB")
+        with kernel_cache.record_into(str(tmp_path / "other")):  # nested: adds nothing
+            assert os.environ["TRITON_CACHE_DIR"] == compiling_into
+    assert os.environ["TRITON_CACHE_DIR"] == str(fresh_state)
+    assert sorted(os.listdir(dest)) == ["AAA", "BBB"]
+    assert sorted(os.listdir(fresh_state)) == ["AAA", "BBB"]  # this machine keeps them too
+    assert not os.path.exists(compiling_into) and not os.path.exists(tmp_path / "other")
+    with kernel_cache.record_into(str(tmp_path / "again")):  # this process has compiled: no recording
+        assert os.environ["TRITON_CACHE_DIR"] == str(fresh_state)
+    assert not os.path.exists(tmp_path / "again")
+
+
+def test_an_existing_bundle_is_left_alone(fresh_state, tmp_path):
+    dest = tmp_path / "bundle"
+    _entry(dest, "OLD")
+    with kernel_cache.record_into(str(dest)):
+        assert os.environ["TRITON_CACHE_DIR"] == str(fresh_state)
+    assert os.listdir(dest) == ["OLD"]
+
+
+def test_merge_adds_missing_entries_and_never_overwrites(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _entry(src, "A", "new")
+    _entry(src, "B", "new")
+    _entry(dst, "A", "mine")
+    assert kernel_cache._merge(str(src), str(dst)) == 1
+    assert open(dst / "A" / "kernel.cubin").read() == "mine"
+    assert open(dst / "B" / "kernel.cubin").read() == "new"
+    assert sorted(os.listdir(dst)) == ["A", "B"]  # no staging directories left behind
+    assert kernel_cache._merge(str(tmp_path / "missing"), str(dst)) == 0
+
+
+@pytest.mark.gpu
+def test_fresh_process_load_compiles_nothing_the_engine_did_not_bring(tmp_path):
+    import torch
+
+    from kiln.config import EngineConfig, SchedulerConfig
+    from kiln.workers.builder import Builder
+
+    out = str(tmp_path / "engine")
+    code = ("import sys; from kiln.config import EngineConfig, SchedulerConfig; "
+            "from kiln.workers.builder import Builder; "
+            "Builder(EngineConfig(model='smollm2-135m', random_weights=True, "
+            "scheduler=SchedulerConfig(max_model_len=512, max_num_seqs=16)), verbose=False).build(sys.argv[1])")
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "build-cache"))
+    subprocess.run([sys.executable, "-c", code, out], check=True, env=env)  # a fresh process, as `kiln build`
+    bundle = kernel_cache.bundle_path(out, torch.device("cuda"))
+    brought = set(os.listdir(bundle))
+    assert brought
+    load = ("import sys; from kiln import LLM, SamplingParams; "
+            "llm = LLM(sys.argv[1], max_model_len=512, max_num_seqs=16); "
+            "print(llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=4))[0].outputs[0].token_ids)")
+    fresh = tmp_path / "fresh-machine-cache"
+    subprocess.run([sys.executable, "-c", load, out], check=True, env=dict(os.environ, TRITON_CACHE_DIR=str(fresh)))
+    assert set(os.listdir(fresh)) <= brought, json.dumps(sorted(set(os.listdir(fresh)) - brought))
