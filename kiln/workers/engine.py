@@ -325,7 +325,8 @@ class Engine:
         """Compile the eager (mixed decode + prefill) step's kernel variants now, not during the
         first requests: a first mixed step otherwise stalls every request for seconds."""
         bs, t0 = self.block_size, time.perf_counter()
-        for batch in ([(40, 1)] * 2 + [(300, 300), (24, 24)], [(40, 1)] * 48 + [(24, 24)]):
+        # Mixed steps, and a prompt alone (a fresh server's first step: its own variants).
+        for batch in ([(40, 1)] * 2 + [(300, 300), (24, 24)], [(40, 1)] * 48 + [(24, 24)], [(5, 5)]):
             entries, nxt = [], 0
             for n_ctx, n_new in batch:
                 nb = -(-n_ctx // bs)

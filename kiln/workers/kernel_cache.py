@@ -15,6 +15,7 @@ depends on the bundle, only load time.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -72,6 +73,7 @@ def _merge(src: str, dst: str) -> int:
         tmp = tempfile.mkdtemp(dir=dst, prefix=".kiln-")  # whole entries appear atomically
         try:
             shutil.copytree(os.path.join(src, entry), os.path.join(tmp, entry))
+            _repoint_groups(os.path.join(tmp, entry), target)
             os.replace(os.path.join(tmp, entry), target)
             n += 1
         except OSError:  # another process put it there first
@@ -79,6 +81,22 @@ def _merge(src: str, dst: str) -> int:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return n
+
+
+def _repoint_groups(entry: str, final: str) -> None:
+    """Triton's group files (__grp__*.json) list their members by absolute path, and an entry
+    whose members are not at those paths is a cache miss: point them at the entry's new home."""
+    for name in os.listdir(entry):
+        if not (name.startswith("__grp__") and name.endswith(".json")):
+            continue
+        path = os.path.join(entry, name)
+        with open(path) as f:
+            group = json.load(f)
+        children = group.get("child_paths")
+        if isinstance(children, dict):
+            group["child_paths"] = {k: os.path.join(final, os.path.basename(v)) for k, v in children.items()}
+            with open(path, "w") as f:
+                json.dump(group, f)
 
 
 def restore(engine_dir: str, device: torch.device) -> int:

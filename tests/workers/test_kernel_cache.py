@@ -68,6 +68,18 @@ def test_merge_adds_missing_entries_and_never_overwrites(tmp_path):
     assert kernel_cache._merge(str(tmp_path / "missing"), str(dst)) == 0
 
 
+def test_moved_entries_point_their_groups_at_their_new_home(tmp_path):
+    """Triton finds a compiled kernel through its group file's absolute member paths."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _entry(src, "H")
+    with open(src / "H" / "__grp__k.json", "w") as f:
+        json.dump({"child_paths": {"k.cubin": str(src / "H" / "k.cubin"), "k.json": str(src / "H" / "k.json")}}, f)
+    kernel_cache._merge(str(src), str(dst))
+    with open(dst / "H" / "__grp__k.json") as f:
+        children = json.load(f)["child_paths"]
+    assert children == {"k.cubin": str(dst / "H" / "k.cubin"), "k.json": str(dst / "H" / "k.json")}
+
+
 @pytest.mark.gpu
 def test_fresh_process_load_compiles_nothing_the_engine_did_not_bring(tmp_path):
     import torch
@@ -85,9 +97,15 @@ def test_fresh_process_load_compiles_nothing_the_engine_did_not_bring(tmp_path):
     bundle = kernel_cache.bundle_path(out, torch.device("cuda"))
     brought = set(os.listdir(bundle))
     assert brought
-    load = ("import sys; from kiln import LLM, SamplingParams; "
-            "llm = LLM(sys.argv[1], max_model_len=512, max_num_seqs=16); "
-            "print(llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=4))[0].outputs[0].token_ids)")
+    # Loaded in a fresh process with an empty Triton cache: every kernel is found, none compiled
+    # (a compile would write its entry's files anew; restored files keep the bundle's times).
+    load = ("import sys, time; from kiln import LLM, SamplingParams; t = time.time(); "
+            "llm = LLM(sys.argv[1], max_model_len=512, max_num_seqs=16); print('LOADED', t, flush=True); "
+            "import os, glob; print('NEWEST', max(os.path.getmtime(p) for p in glob.glob(os.environ['TRITON_CACHE_DIR'] "
+            "+ '/*/*'))); print(llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=4))[0].outputs[0].token_ids)")
     fresh = tmp_path / "fresh-machine-cache"
-    subprocess.run([sys.executable, "-c", load, out], check=True, env=dict(os.environ, TRITON_CACHE_DIR=str(fresh)))
+    proc = subprocess.run([sys.executable, "-c", load, out], check=True, capture_output=True, text=True,
+                          env=dict(os.environ, TRITON_CACHE_DIR=str(fresh)))
+    lines = dict(ln.split(" ", 1) for ln in proc.stdout.splitlines() if ln.startswith(("LOADED", "NEWEST")))
+    assert float(lines["NEWEST"]) < float(lines["LOADED"]), "the load compiled kernels"
     assert set(os.listdir(fresh)) <= brought, json.dumps(sorted(set(os.listdir(fresh)) - brought))

@@ -157,8 +157,12 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ctx, dtype, device)
             if cfg.tie_word_embeddings and self.embed_tokens is not None:
                 self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("cos_sin", rope_cos_sin(cfg.head_dim, max_positions, cfg.rope_theta,
-                                                     cfg.rope_scaling, device), persistent=False)
+        if device.type == "meta":  # a skeleton whose loader brings the table (arange on meta costs
+            # a ~3 s first import of torch's reference ops and sympy)
+            table = torch.empty(max_positions, cfg.head_dim, device=device)
+        else:
+            table = rope_cos_sin(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
+        self.register_buffer("cos_sin", table, persistent=False)
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
