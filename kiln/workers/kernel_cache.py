@@ -6,9 +6,11 @@ what it compiles in a cache directory of entries named by a hash of the
 kernel source, its specialization, the GPU target and the compiler version;
 an entry copied into another machine's cache is found there by the same
 hash. So an engine carries, per GPU kind and software stack, the entries its
-loads compile (`kernels/<target>/`): the build records them with a trial
-start (one rank), or else the first load records them, and every later load
-first merges them into the local cache. An entry that does not match
+loads use (`kernels/<target>/`): the build records them with a trial start
+(one rank), or else the first load records them, and every later load first
+merges them into the local cache. Recording hooks Triton's cache manager and
+notes every entry looked up or written, so kernels this machine compiled
+before are recorded without compiling them again. An entry that does not match
 (another GPU, another Triton) is simply never looked up; correctness never
 depends on the bundle, only load time.
 """
@@ -64,17 +66,21 @@ def _merge(src: str, dst: str) -> int:
     """Copy cache entries (directories) of src missing from dst; returns how many."""
     if not os.path.isdir(src):
         return 0
+    return _copy_entries([os.path.join(src, e) for e in os.listdir(src)], dst)
+
+
+def _copy_entries(entries, dst: str) -> int:
     os.makedirs(dst, exist_ok=True)
     n = 0
-    for entry in os.listdir(src):
-        target = os.path.join(dst, entry)
-        if os.path.exists(target) or not os.path.isdir(os.path.join(src, entry)):
+    for src in entries:
+        target = os.path.join(dst, os.path.basename(src))
+        if os.path.exists(target) or not os.path.isdir(src):
             continue
         tmp = tempfile.mkdtemp(dir=dst, prefix=".kiln-")  # whole entries appear atomically
         try:
-            shutil.copytree(os.path.join(src, entry), os.path.join(tmp, entry))
-            _repoint_groups(os.path.join(tmp, entry), target)
-            os.replace(os.path.join(tmp, entry), target)
+            shutil.copytree(src, os.path.join(tmp, "e"))
+            _repoint_groups(os.path.join(tmp, "e"), target)
+            os.replace(os.path.join(tmp, "e"), target)
             n += 1
         except OSError:  # another process put it there first
             pass
@@ -114,47 +120,57 @@ def _writable(path: str) -> bool:
 
 
 def recording(engine_dir: str, device: torch.device):
-    """Compile into a fresh cache directory for the duration, then keep what was compiled as
-    the engine's bundle (when it has none yet) and in the local cache.
+    """Note every Triton cache entry this process uses for the duration, then keep them as the
+    engine's bundle (when it has none yet).
 
-    Kernels this process compiled before are not compiled again and so would not be
-    recorded: a process that has compiled kiln's kernels records nothing (a build's trial
-    start and a served engine's first load run in fresh processes)."""
+    Kernels the process ran before are found in memory, not in the cache, and so would not
+    be noted: a process that has run kiln's kernels records nothing (a build's trial start
+    and a served engine's first load run in fresh processes)."""
     if device.type != "cuda" or not _writable(engine_dir):
         return contextlib.nullcontext()
     return record_into(bundle_path(engine_dir, device))
 
 
+_used: list[str] = []  # cache entries (directories) used while recording, in order
+
+
+def __getattr__(name: str):
+    """RecordingCacheManager is built on first use: importing this module needs no Triton."""
+    if name == "RecordingCacheManager":
+        from triton.runtime.cache import FileCacheManager
+
+        class RecordingCacheManager(FileCacheManager):
+            def __init__(self, key, override=False, dump=False):
+                super().__init__(key, override, dump)
+                if not (override or dump):
+                    _used.append(self.cache_dir)
+
+        globals()[name] = RecordingCacheManager
+        return RecordingCacheManager
+    raise AttributeError(name)
+
+
 @contextlib.contextmanager
 def record_into(dest: str):
-    if os.path.isdir(dest) or _state["active"] or _state["compiled"]:
-        yield
+    if os.path.isdir(dest) or _state["active"] or _state["compiled"] or os.environ.get("TRITON_CACHE_MANAGER"):
+        yield  # (a cache manager of the user's own, e.g. a remote cache, is left alone)
         return
-    local = active_cache_dir()
-    before = os.environ.get("TRITON_CACHE_DIR")
-    tmp = tempfile.mkdtemp(prefix="kiln-triton-")
-    os.environ["TRITON_CACHE_DIR"] = tmp
+    os.environ["TRITON_CACHE_MANAGER"] = f"{__name__}:RecordingCacheManager"
     _state["active"] = True
+    _used.clear()
     try:
         yield
     finally:
         _state["active"] = False
         _state["compiled"] = True
-        if before is None:
-            os.environ.pop("TRITON_CACHE_DIR", None)
-        else:
-            os.environ["TRITON_CACHE_DIR"] = before
-        try:
-            n = sum(os.path.isdir(os.path.join(tmp, e)) for e in os.listdir(tmp))
-            if n:
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                staging = tempfile.mkdtemp(dir=os.path.dirname(dest), prefix=".kiln-")
-                _merge(tmp, staging)
-                try:
-                    os.replace(staging, dest)  # a concurrent recorder may have won: theirs stands
-                except OSError:
-                    shutil.rmtree(staging, ignore_errors=True)
-                _merge(tmp, local)
-                log.info("recorded %d compiled kernels into %s", n, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        os.environ.pop("TRITON_CACHE_MANAGER", None)
+        used = list(dict.fromkeys(p for p in _used if os.path.isdir(p)))
+        if used:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            staging = tempfile.mkdtemp(dir=os.path.dirname(dest), prefix=".kiln-")
+            _copy_entries(used, staging)
+            try:
+                os.replace(staging, dest)  # a concurrent recorder may have won: theirs stands
+            except OSError:
+                shutil.rmtree(staging, ignore_errors=True)
+            log.info("recorded %d compiled kernels into %s", len(used), dest)

@@ -1,9 +1,10 @@
 """Compiled kernels recorded into an engine and restored from it (kernel_cache).
 
-The mechanics run anywhere (Triton's cache is directories of files); the GPU
-test checks the point of it: a load in a fresh process with an empty Triton
+The mechanics run anywhere (Triton's cache is directories of files, kept by its
+cache manager); the GPU test checks the point of it: a load in a fresh process with an empty Triton
 cache compiles nothing that the engine did not bring.
 """
+import hashlib
 import json
 import os
 import subprocess
@@ -30,21 +31,29 @@ def _entry(root, name, payload="cubin"):
         f.write(payload)
 
 
-def test_recording_keeps_what_was_compiled_and_restores_the_environment(fresh_state, tmp_path):
+def test_recording_keeps_every_entry_triton_used(fresh_state, tmp_path):
+    """Entries written (a compile) and entries only looked up (compiled earlier on this machine)
+    both go into the bundle, through Triton's own cache manager."""
+    from triton.runtime.cache import get_cache_manager as manager
+
+    def get_cache_manager(name):  # Triton's keys are hex digests
+        return manager(hashlib.sha256(name.encode()).hexdigest())
+
+    old = get_cache_manager("compiled-last-week")
+    old.put("old cubin", "k.cubin")
+    old_dir = os.path.dirname(old.get_file("k.cubin"))
     dest = str(tmp_path / "engine" / "kernels" / "gpu")
     with kernel_cache.record_into(dest):
-        compiling_into = os.environ["TRITON_CACHE_DIR"]
-        assert compiling_into != str(fresh_state)  # a fresh directory: only this load's kernels
-        _entry(compiling_into, "AAA")
-        _entry(compiling_into, "BBB")
+        assert get_cache_manager("compiled-last-week").get_file("k.cubin")  # a lookup, no compile
+        get_cache_manager("compiled-now").put("new cubin", "k.cubin")
         with kernel_cache.record_into(str(tmp_path / "other")):  # nested: adds nothing
-            assert os.environ["TRITON_CACHE_DIR"] == compiling_into
-    assert os.environ["TRITON_CACHE_DIR"] == str(fresh_state)
-    assert sorted(os.listdir(dest)) == ["AAA", "BBB"]
-    assert sorted(os.listdir(fresh_state)) == ["AAA", "BBB"]  # this machine keeps them too
-    assert not os.path.exists(compiling_into) and not os.path.exists(tmp_path / "other")
-    with kernel_cache.record_into(str(tmp_path / "again")):  # this process has compiled: no recording
-        assert os.environ["TRITON_CACHE_DIR"] == str(fresh_state)
+            pass
+    assert "TRITON_CACHE_MANAGER" not in os.environ
+    assert os.path.basename(old_dir) in os.listdir(dest) and len(os.listdir(dest)) == 2
+    assert sorted(os.listdir(dest)) == sorted(os.listdir(fresh_state))
+    assert not os.path.exists(tmp_path / "other")
+    with kernel_cache.record_into(str(tmp_path / "again")):  # this process has run kernels: no recording
+        get_cache_manager("later").put("x", "k.cubin")
     assert not os.path.exists(tmp_path / "again")
 
 
@@ -52,7 +61,7 @@ def test_an_existing_bundle_is_left_alone(fresh_state, tmp_path):
     dest = tmp_path / "bundle"
     _entry(dest, "OLD")
     with kernel_cache.record_into(str(dest)):
-        assert os.environ["TRITON_CACHE_DIR"] == str(fresh_state)
+        assert "TRITON_CACHE_MANAGER" not in os.environ
     assert os.listdir(dest) == ["OLD"]
 
 
