@@ -108,6 +108,7 @@ class Builder:
                              weights=None, tokenizer=None)
         engine = Engine(dataclasses.replace(self.config, quant=q, dtype=meta["build"]["dtype"]), source)
         del engine
+        gc.collect()  # its CUDA graphs and KV cache, before a real engine (LLM(checkpoint)) takes memory
         torch.cuda.empty_cache()
         if self.verbose:
             print(f"kiln build: compiled the engine's kernels ({time.perf_counter() - t:.1f}s)", flush=True)
