@@ -49,7 +49,7 @@ def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
 class _Group:
     """One padded attention batch (decodes, or prompt chunks), planned once per step."""
 
-    rows: slice  # rows of the packed q / output
+    rows: slice | torch.Tensor  # rows of the packed q / output (an index for length-sorted decodes)
     block_ids: torch.Tensor  # [B * nblk] cache blocks to gather, per sequence in order
     B: int
     max_q: int
@@ -84,6 +84,31 @@ def _plan_group(meta: AttentionMetadata, first: int, last: int, block_size: int)
         group.seq_idx = torch.repeat_interleave(torch.arange(B, device=device), q_lens, output_size=T)
         group.row_in_seq = torch.arange(T, device=device) - (q_start[:-1] - q_start[0])[group.seq_idx]
     return group
+
+
+# Decodes are padded to the longest context in their group: sorted by length and cut into groups
+# of at least this many, up to DECODE_GROUPS of them, the padding (read twice: gathered, then by
+# SDPA) shrinks. SmolLM2 on 2 CPU cores, 32 decodes of 60-500 tokens: 4.1 ms per layer in one
+# group, 3.1 in two or four, 3.7 in eight (each group is a gather and an SDPA call).
+DECODE_GROUPS = 4
+DECODE_GROUP_MIN = 8
+
+
+def _plan_decodes(meta: AttentionMetadata, block_size: int) -> list[_Group]:
+    nd = meta.num_decodes
+    k = max(1, min(DECODE_GROUPS, nd // DECODE_GROUP_MIN))
+    if k == 1:
+        return [_plan_group(meta, 0, nd, block_size)]
+    lens = meta.seq_lens[:nd].long()
+    order = torch.argsort(lens)
+    groups = []
+    for idx in torch.tensor_split(order, k):
+        seq_lens = lens[idx]
+        max_kv = int(seq_lens.max())
+        nblk = -(-max_kv // block_size)
+        mask = (torch.arange(max_kv, device=lens.device)[None, :] < seq_lens[:, None])[:, None, None]
+        groups.append(_Group(idx, meta.block_tables[idx, :nblk].reshape(-1).long(), len(idx), 1, max_kv, mask))
+    return groups
 
 
 def _select(cache: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -125,7 +150,7 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     plan = meta.cache.get(key)
     if plan is None:
         nd, B = meta.num_decodes, meta.num_seqs
-        plan = meta.cache[key] = ([_plan_group(meta, 0, nd, bs)] if nd else []) + \
+        plan = meta.cache[key] = (_plan_decodes(meta, bs) if nd else []) + \
             ([_plan_group(meta, nd, B, bs)] if nd < B else [])
     out = torch.empty_like(q)
     for g in plan:

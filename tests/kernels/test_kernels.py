@@ -146,6 +146,44 @@ GPU_ATTN = [
 ]
 
 
+def naive_attention(q, kc, vc, meta, scale):
+    """Each sequence on its own, straight from its block table, in float64: the oracle."""
+    out = torch.empty(q.shape, dtype=torch.float64)
+    qsl, page = meta.query_start_loc.tolist(), kc.shape[1]
+    for b, n in enumerate(meta.seq_lens.tolist()):
+        blocks = meta.block_tables[b, :-(-n // page)].long().cpu()
+        k = kc.cpu().double()[blocks].flatten(0, 1)[:n]  # [n, Hkv, d]
+        v = vc.cpu().double()[blocks].flatten(0, 1)[:n]
+        rows = q[qsl[b]:qsl[b + 1]].cpu().double()  # [m, Hq, d]
+        m, group = rows.shape[0], q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        s = torch.einsum("mhd,nhd->hmn", rows, k) * scale
+        visible = torch.arange(n)[None, :] <= (n - m + torch.arange(m))[:, None]
+        s = s.masked_fill(~visible, float("-inf"))
+        out[qsl[b]:qsl[b + 1]] = torch.einsum("hmn,nhd->mhd", s.softmax(-1), v)
+    return out
+
+
+def test_reference_attention_groups_decodes_by_length():
+    """The reference pads decodes per length-sorted group; every row still gets its own keys."""
+    q_lens = [1] * 37 + [9, 3]
+    ctx = [int(x) for x in torch.randint(1, 300, (37,), generator=torch.Generator().manual_seed(3))] + [0, 50]
+    q, kc, vc, meta = make_batch(q_lens, ctx, 6, 2, 32, 16, torch.float32, 4)
+    from kiln.kernels import attention
+
+    cpu_meta = _to_cpu(meta)
+    got = paged_attention_ref(q.cpu(), kc.cpu(), vc.cpu(), cpu_meta, 32 ** -0.5)
+    assert len(cpu_meta.cache[("ref_plan", 16)]) == attention.DECODE_GROUPS + 1  # 4 decode groups, 1 prefill
+    assert rel_err(got, naive_attention(q, kc, vc, meta, 32 ** -0.5)) < 1e-6
+
+
+def _to_cpu(meta):
+    return AttentionMetadata(slot_mapping=meta.slot_mapping.cpu(), query_start_loc=meta.query_start_loc.cpu(),
+                             seq_lens=meta.seq_lens.cpu(), block_tables=meta.block_tables.cpu(),
+                             num_decodes=meta.num_decodes, max_query_len=meta.max_query_len,
+                             max_seq_len=meta.max_seq_len)
+
+
 @pytest.mark.parametrize("q_lens, ctx, hq, hkv, d, page", CPU_ATTN)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_paged_attention_small(q_lens, ctx, hq, hkv, d, page, dtype):
