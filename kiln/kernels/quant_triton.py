@@ -184,9 +184,9 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count if torch.cuda.is_available() else 16
 
 
-# Up to this many rows (by bits) the register GEMV beats the tensor-core kernel, and
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV: benchmarks/quant_gemm.py on the H100.
-GEMV_MAX_M = {4: 1, 8: 1}
+# Up to this many rows the register GEMV beats the tensor-core kernel (int4 and 8-bit alike),
+# and (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV: benchmarks/quant_gemm.py on the H100.
+GEMV_MAX_M = 1
 GEMV_TILES = {4: (8, 1024, 8, 2), 8: (4, 1024, 2, 2)}
 # Past this many rows int4 is dequantized once to a scratch and cuBLAS does the compute-bound rest.
 INT4_TC_MAX_M = 64
@@ -201,10 +201,14 @@ def _tiles(M: int, on_gpu: bool) -> tuple[int, int, int, int, int]:
     return block_m, block_n, block_k, 4, 3
 
 
+def _check_int4_group(group: int) -> None:
+    if group < 16 or group & (group - 1):  # tiles of whole groups; tl.dot needs K >= 16
+        raise ValueError(f"int4 group size must be a power of two >= 16, got {group}")
+
+
 def _int4_block_k(block_k: int, K: int, group: int) -> int:
     """The most whole groups, a power of two of them, up to block_k that tile K exactly."""
-    if group & (group - 1):
-        raise ValueError(f"int4 group size must be a power of two, got {group}")
+    _check_int4_group(group)
     ng, per = K // group, 1
     while per * 2 * group <= block_k and ng % (per * 2) == 0:
         per *= 2
@@ -270,11 +274,10 @@ def woq_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: tor
     x = x.contiguous()
     M = x.shape[0]
     if bits == 4:
-        if group % 8 or group < 16:
-            raise ValueError(f"int4 group size must be a multiple of 8 and >= 16, got {group}")
+        _check_int4_group(group)
         if M > INT4_TC_MAX_M:
             return torch.nn.functional.linear(x, dequantize_int4(w, scales, mins, x.dtype, group))
-    if M <= GEMV_MAX_M[bits]:
+    if M <= GEMV_MAX_M:
         return gemv(x, w, scales, mins, bits, group)
     return tensor_core_linear(x, w, scales, mins, bits, group)
 

@@ -130,7 +130,6 @@ class Builder:
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
         max_len = cfg.scheduler.max_model_len or mc.max_position_embeddings
-        os.makedirs(out_dir, exist_ok=True)
         files = {}
         if source.weights is None and not self.dense_random:
             # Random weights: each rank's shard is drawn directly in its final (quantized) form,

@@ -29,9 +29,9 @@ import torch
 log = logging.getLogger("kiln.kernels")
 
 BUNDLE_DIR = "kernels"
-# active: a recording is under way (a nested one, e.g. a build's trial start, adds nothing);
-# compiled: this process has compiled kiln's kernels, so a new recording would miss those.
-_state = {"active": False, "compiled": False}
+# Set once this process has run kiln's kernels or begun a recording: a recording from then on
+# would miss kernels found in memory (and one inside another would add nothing).
+_state = {"compiled": False}
 
 
 def mark_compiled() -> None:
@@ -152,17 +152,15 @@ def __getattr__(name: str):
 
 @contextlib.contextmanager
 def record_into(dest: str):
-    if os.path.isdir(dest) or _state["active"] or _state["compiled"] or os.environ.get("TRITON_CACHE_MANAGER"):
+    if os.path.isdir(dest) or _state["compiled"] or os.environ.get("TRITON_CACHE_MANAGER"):
         yield  # (a cache manager of the user's own, e.g. a remote cache, is left alone)
         return
     os.environ["TRITON_CACHE_MANAGER"] = f"{__name__}:RecordingCacheManager"
-    _state["active"] = True
+    _state["compiled"] = True
     _used.clear()
     try:
         yield
     finally:
-        _state["active"] = False
-        _state["compiled"] = True
         os.environ.pop("TRITON_CACHE_MANAGER", None)
         used = list(dict.fromkeys(p for p in _used if os.path.isdir(p)))
         if used:

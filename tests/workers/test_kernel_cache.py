@@ -17,7 +17,6 @@ from kiln.workers import kernel_cache
 
 @pytest.fixture
 def fresh_state(monkeypatch, tmp_path):
-    monkeypatch.setitem(kernel_cache._state, "active", False)
     monkeypatch.setitem(kernel_cache._state, "compiled", False)
     local = tmp_path / "local-cache"
     local.mkdir()
