@@ -9,7 +9,10 @@ parallel shard of rows quantizes to the same bytes as the rows of the whole.
 - int4-awq 4-bit codes in groups of 128 along K, w = code * scale + min with an fp16
            scale and min per group (asymmetric; GGUF's Q4_1 layout, so a Q4_1
            checkpoint re-quantizes exactly at group 32), 8 codes packed per
-           int32; AWQ's activation-aware scaling is applied by the builder first.
+           int32 plane-major within each group: nibble j of the group's word i
+           holds k = j * group/8 + i, so the decode GEMV meets each nibble plane
+           with a contiguous run of x (vector loads). AWQ's activation-aware
+           scaling is applied by the builder first.
 """
 from __future__ import annotations
 
@@ -101,27 +104,29 @@ def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tenso
     lo = g.amin(dim=2).to(torch.float16)
     scale = ((g.amax(dim=2) - lo.float()) / 15.0).clamp(min=1e-8).to(torch.float16)
     codes = torch.round((g - lo.float()[..., None]) / scale.float()[..., None]).clamp(0, 15)
-    return pack_int4(codes.to(torch.int32).view(n, k)), scale, lo
+    return pack_int4(codes.to(torch.int32).view(n, k), group), scale, lo
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+def pack_int4(codes: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
+    """Codes [N, K] in 0..15 -> int32 [N, K/8]; nibble j of word i of a group is k = j * group/8 + i."""
     n, k = codes.shape
-    c = codes.view(n, k // 8, 8).to(torch.int32)
+    c = codes.view(n, k // group, 8, group // 8).transpose(2, 3).to(torch.int32)  # [n, group, word, plane]
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=codes.device)
-    return (c << shifts).sum(dim=2, dtype=torch.int32)
+    return (c << shifts).sum(dim=3, dtype=torch.int32).view(n, k // 8)
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+def unpack_int4(packed: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
     n, k8 = packed.shape
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
-    return ((packed[:, :, None] >> shifts) & 0xF).view(n, k8 * 8)
+    planes = (packed.view(n, k8 * 8 // group, group // 8, 1) >> shifts) & 0xF  # [n, group, word, plane]
+    return planes.transpose(2, 3).reshape(n, k8 * 8)
 
 
 def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, dtype: torch.dtype,
                     group: int | None = None) -> torch.Tensor:
-    codes = unpack_int4(packed).float()
-    n, k = codes.shape
+    n, k = packed.shape[0], packed.shape[1] * 8
     group = group or k // scales.shape[1]
+    codes = unpack_int4(packed, group).float()
     s = scales.float().repeat_interleave(group, dim=1)
     m = mins.float().repeat_interleave(group, dim=1)
     return (codes * s + m).to(dtype)

@@ -1,15 +1,16 @@
 """Quantized GEMMs in Triton: y = x @ dequant(W)^T for int8, fp8 or packed int4 W.
 
-Decode (a few rows of x): reading the weights is the whole cost. A register
+Decode (one row of x): reading the weights is the whole cost. A register
 GEMV reads each weight tile once along K with vector loads, widens the codes,
-and keeps products elementwise until one reduction at the end. int4 codes sit
-eight to an int32 along K; nibble j of word i is k = 8i + j, so nibble plane j
-meets the strided x slice x[j::8] and the packed tile is never reshaped. With
-w = code * scale + min per group, word i contributes
-scale_g * (x . codes) + min_g * sum(x) for its group g. fp8 streams at ~86% of
-the copy ceiling; int4 at ~40%, bound by instruction issue (widening and x
-handling, ~9 instructions per weight), which only packed-half or tensor-core
-dequantization would lift.
+and keeps products elementwise until one reduction at the end. fp8 streams at
+~86% of the copy ceiling. int4 codes sit eight to an int32, plane-major
+within a group (nibble j of word i is k = j * group/8 + i, kiln/kernels/quant.py),
+so each nibble plane meets a contiguous run of x; a thread holds a few rows of
+the same words, so x is loaded and widened once for all of them. A nibble
+becomes a float by masking it into the mantissa of 1.0f (no int->float
+convert), two nibbles per shift. ~4 instructions per weight; ~54% of the copy
+ceiling at Llama-8B shapes on the H100, where the few warps per SM that the
+small matrices give cannot cover memory latency and issue together.
 
 Larger batches: a tensor-core kernel widens the codes (8-bit, or int4
 unpacked and scaled per group) in registers, K split over programs when
@@ -30,9 +31,11 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride
                 k_per_split, BITS: tl.constexpr, FP8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
     """Quantized W [N, K] on tensor cores, for batches past the GEMV's: the codes are widened to
-    x's dtype in registers. int4: word i of a row holds k = 8i..8i+7, so unpacking the
-    [BLOCK_K/8, BLOCK_N] words along a new middle axis and merging it with the first gives the
-    [BLOCK_K, BLOCK_N] tile in order; a tile lies inside one group (GROUP % BLOCK_K == 0)."""
+    x's dtype in registers. int4: a tile lies inside one group (GROUP % BLOCK_K == 0) and holds
+    BW = BLOCK_K/8 of its words; unpacking them along a new leading plane axis gives rows
+    r = j * BW + i, which are k = group start + j * GROUP/8 + (first word) + i, and x is
+    loaded in that order."""
+    BW: tl.constexpr = BLOCK_K // 8
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -46,13 +49,16 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride
     w_cols = w_ptr + offs_n[None, :].to(tl.int64) * w_stride
     for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
+        if BITS == 4:
+            g = k0 // GROUP
+            r = tl.arange(0, BLOCK_K)
+            offs_k = g * GROUP + (r // BW) * (GROUP // 8) + (k0 % GROUP) // 8 + r % BW
         x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None], other=0.0)
         if BITS == 4:
-            words = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            words = k0 // 8 + tl.arange(0, BW)
             packed = tl.load(w_cols + words[:, None], mask=mask_n[None, :], other=0)
             shifts = 4 * tl.arange(0, 8)
-            codes = tl.reshape((packed[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
-            g = k0 // GROUP
+            codes = tl.reshape((packed[None, :, :] >> shifts[:, None, None]) & 0xF, (BLOCK_K, BLOCK_N))
             scale = tl.load(s_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
             mn = tl.load(z_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
             w = (codes.to(tl.float32) * scale[None, :] + mn[None, :]).to(x.dtype)
@@ -74,72 +80,101 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_stride, s_stride, out_stride,
-                 M: tl.constexpr, BITS: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
-    """A few rows of x against [BLOCK_N, K] of W: the weight tile is read once, K-contiguous
-    (vector loads), and products stay elementwise in registers until one reduction at the end;
-    no tensor cores, no split-K buffer. For int4, BLOCK_K spans whole groups."""
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, x_stride, w_stride, out_stride, M: tl.constexpr, FP8: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A few rows of x against [BLOCK_N, K] of 8-bit W: the weight tile is read once,
+    K-contiguous (vector loads), and reduced per tile to keep registers few; no tensor cores,
+    no split-K buffer."""
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = tl.arange(0, BLOCK_M)
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * w_stride
-    if BITS == 4:
-        # The tile is [BLOCK_N, G groups, GROUP/8 words]: scales and mins load once per group and
-        # broadcast over its words; nibble plane j of word i meets x[k0 + 8i + j]. The nibble q
-        # goes into the top mantissa bits of 1.0f (shift, mask, or: no int->float convert, a
-        # quarter-rate instruction), f = 1 + q/16 exactly, and x . w = 16 s (x . f) + (min - 16 s) sum(x).
-        # Still bound by instruction issue (~9 per weight, a third of them on x), not by memory.
-        WG: tl.constexpr = GROUP // 8
-        G: tl.constexpr = BLOCK_K // GROUP
-        gi = tl.arange(0, G)
-        word = gi[:, None] * WG + tl.arange(0, WG)[None, :]  # [G, WG] word index within the tile
-        acc = tl.zeros([BLOCK_M, BLOCK_N, G, WG], dtype=tl.float32)
-        s_rows = offs_n[:, None].to(tl.int64) * s_stride
-        for k0 in range(0, K, BLOCK_K):
-            packed = tl.load(w_rows[:, :, None] + (k0 // 8 + word)[None, :, :], mask=mask_n[:, None, None], other=0)
-            g = (k0 // GROUP + gi)[None, :]
-            scale = tl.load(s_ptr + s_rows + g, mask=mask_n[:, None], other=0.0).to(tl.float32) * 16.0
-            mn = tl.load(z_ptr + s_rows + g, mask=mask_n[:, None], other=0.0).to(tl.float32) - scale
-            for m in tl.static_range(M):
-                t = tl.zeros([BLOCK_N, G, WG], dtype=tl.float32)
-                xs = tl.zeros([G, WG], dtype=tl.float32)
-                for j in tl.static_range(8):
-                    xj = tl.load(x_ptr + m * x_stride + k0 + 8 * word + j).to(tl.float32)
-                    if 4 * j <= 19:
-                        bits = (packed << (19 - 4 * j)) & 0x780000
-                    else:
-                        bits = (packed >> (4 * j - 19)) & 0x780000
-                    f = (bits | 0x3F800000).to(tl.float32, bitcast=True)
-                    t += f * xj[None, :, :]
-                    xs += xj
-                contrib = (t * scale[:, :, None] + mn[:, :, None] * xs[None, :, :])[None, :, :, :]
-                if M == 1:
-                    acc += contrib
-                else:
-                    acc += tl.where(rows[:, None, None, None] == m, contrib, 0.0)
-        out = tl.sum(tl.sum(acc, axis=3), axis=2)
-    else:  # a byte per weight: BLOCK_K is wide, so reduce per tile to keep registers few
-        offs_k = tl.arange(0, BLOCK_K)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            q = tl.load(w_rows + (k0 + offs_k)[None, :], mask=mask_n[:, None], other=0)
-            if FP8:
-                w = q.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        q = tl.load(w_rows + (k0 + offs_k)[None, :], mask=mask_n[:, None], other=0)
+        if FP8:
+            w = q.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        else:
+            w = q.to(tl.float32)
+        for m in tl.static_range(M):
+            x = tl.load(x_ptr + m * x_stride + k0 + offs_k).to(tl.float32)
+            part = tl.sum(w * x[None, :], axis=1)[None, :]
+            if M == 1:
+                acc += part
             else:
-                w = q.to(tl.float32)
-            for m in tl.static_range(M):
-                x = tl.load(x_ptr + m * x_stride + k0 + offs_k).to(tl.float32)
-                part = tl.sum(w * x[None, :], axis=1)[None, :]
-                if M == 1:
-                    acc += part
-                else:
-                    acc += tl.where(rows[:, None] == m, part, 0.0)
-        scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        out = acc * scale[None, :]
+                acc += tl.where(rows[:, None] == m, part, 0.0)
+    scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    out = acc * scale[None, :]
     ptrs = out_ptr + rows[:, None] * out_stride + offs_n[None, :]
     tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & mask_n[None, :])
+
+
+@triton.jit
+def _int4_tile_dot(packed, x_ptr, k0, xw, magic, WG: tl.constexpr):
+    """For one tile of packed words [rows, W]: t = sum_j f_j x'_j per (row, word), with
+    f = 1 + q 2^-8 (even planes) or 1 + q 2^-4 (odd planes) and x' = 256 x or 16 x, so
+    x' f = x' + x q; also per word sum_j x_j and sum_j x'_j."""
+    t = tl.zeros(packed.shape, dtype=tl.float32)
+    xs = tl.zeros(xw.shape, dtype=tl.float32)
+    xps = tl.zeros(xw.shape, dtype=tl.float32)
+    for j in tl.static_range(8):
+        xj = tl.load(x_ptr + k0 + j * WG + xw).to(tl.float32)  # plane j: a contiguous run of x
+        # Nibbles 2i and 2i+1 share one shift and land on mantissa bits 15 and 19 (high enough
+        # that x' f loses nothing that matters to the cancellation of x'). `magic` is 1.0f as an
+        # argument, so it sits in a register and mask-and-or is one LOP3 (one immediate each).
+        if j // 2 == 0:
+            src = packed << 15
+        elif j // 2 == 1:
+            src = packed << 7
+        elif j // 2 == 2:
+            src = packed >> 1
+        else:
+            src = packed >> 9
+        if j % 2 == 0:
+            bits = (src & 0x78000) | magic
+            xp = xj * 256.0
+        else:
+            bits = (src & 0x780000) | magic
+            xp = xj * 16.0
+        xs += xj
+        xps += xp
+        t += bits.to(tl.float32, bitcast=True) * xp[None, :]
+    return t, xs, xps
+
+
+@triton.jit
+def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, w_stride, s_stride, magic,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    """One row of x against [BLOCK_N, K] of plane-major int4 W. The tile [BLOCK_N, W words] is
+    laid out with every thread holding all BLOCK_N rows of its words, so each x run is loaded
+    and widened once per thread; the next tile's words load before this tile's math.
+    With w = q s + min per group: x . w = s (t - sum x') + min sum x."""
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    W: tl.constexpr = BLOCK_K // 8
+    WG: tl.constexpr = GROUP // 8
+    G: tl.constexpr = BLOCK_K // GROUP
+    words = tl.arange(0, W)
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * w_stride + words[None, :]
+    s_rows = offs_n[:, None].to(tl.int64) * s_stride
+    xw = (words // WG) * GROUP + words % WG  # x offset of plane 0 of each word
+    acc = tl.zeros([BLOCK_N, G, WG], dtype=tl.float32)
+    KW = K // 8
+    packed = tl.load(w_rows, mask=mask_n[:, None], other=0)
+    for kw in range(0, KW, W):
+        nxt = tl.load(w_rows + (kw + W), mask=mask_n[:, None] & (kw + W + words[None, :] < KW), other=0)
+        t, xs, xps = _int4_tile_dot(packed, x_ptr, kw * 8, xw, magic, WG)
+        g = (kw // WG + tl.arange(0, G))[None, :]
+        scale = tl.load(s_ptr + s_rows + g, mask=mask_n[:, None], other=0.0).to(tl.float32)
+        mn = tl.load(z_ptr + s_rows + g, mask=mask_n[:, None], other=0.0).to(tl.float32)
+        acc += scale[:, :, None] * (tl.reshape(t, (BLOCK_N, G, WG)) - tl.reshape(xps, (G, WG))[None, :, :]) + \
+            mn[:, :, None] * tl.reshape(xs, (G, WG))[None, :, :]
+        packed = nxt
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
@@ -153,7 +188,7 @@ def _dequant_int4_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, w_stride, s_stride, ou
     packed = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * w_stride + offs_w[None, :], mask=mask_n[:, None],
                      other=0)
     shifts = tl.arange(0, 8) * 4
-    codes = tl.reshape((packed[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_N, GROUP))
+    codes = tl.reshape((packed[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_N, GROUP))  # k = j*GROUP/8 + i
     scale = tl.load(s_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
     mn = tl.load(z_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
     w = codes.to(tl.float32) * scale[:, None] + mn[:, None]
@@ -186,8 +221,9 @@ def _num_sms(index: int) -> int:
 
 # Up to this many rows the register GEMV beats the tensor-core kernel (int4 and 8-bit alike),
 # and (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV: benchmarks/quant_gemm.py on the H100.
+# int4: BLOCK_K = 1024 * num_warps gives each thread 4 words (one 16-byte load) of every row.
 GEMV_MAX_M = 1
-GEMV_TILES = {4: (8, 1024, 8, 2), 8: (4, 1024, 2, 2)}
+GEMV_TILES = {4: (4, 2048, 2, 1), 8: (4, 1024, 2, 2)}
 # Past this many rows int4 is dequantized once to a scratch and cuBLAS does the compute-bound rest.
 INT4_TC_MAX_M = 64
 
@@ -217,24 +253,27 @@ def _int4_block_k(block_k: int, K: int, group: int) -> int:
 
 def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int,
          group: int, tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """The register GEMV for a few rows of x; `tiles` overrides GEMV_TILES (for sweeps)."""
+    """The register GEMV for one row of x (a few for 8-bit); `tiles` overrides GEMV_TILES (for sweeps)."""
     M, K = x.shape
     N = w.shape[0]
     if w.dtype == torch.float8_e4m3fn:
         w = w.view(torch.uint8)  # the kernel widens e4m3 bytes itself
-    block_n, block_k, warps, stages = tiles or (GEMV_TILES[bits] if x.is_cuda else (16, 128, 4, 1))
+    block_n, block_k, warps, stages = tiles or (GEMV_TILES[bits] if x.is_cuda else (8, 256, 1, 1))
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(N, block_n),)
     if bits == 4:
+        if M != 1:
+            raise ValueError(f"the int4 GEMV takes one row of x, got {M}")
         block_k = _int4_block_k(block_k, K, group)
-    else:
-        block_k = min(block_k, K)
+        _int4_gemv_kernel[grid](x, w, scales, mins, out, N, K, w.stride(0), scales.stride(0), 0x3F800000,
+                                BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group, num_warps=warps, num_stages=stages)
+        return out
+    block_k = min(block_k, K)
     if K % block_k:
         raise ValueError(f"K={K} must be a multiple of {block_k}")
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    _gemv_kernel[(triton.cdiv(N, block_n),)](x, w, scales, mins if mins is not None else scales, out, N, K,
-                                             x.stride(0), w.stride(0), scales.stride(0), out.stride(0), M=M,
-                                             BITS=bits, FP8=w.dtype == torch.uint8, GROUP=group,
-                                             BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k,
-                                             num_warps=warps, num_stages=stages)
+    _gemv_kernel[grid](x, w, scales, out, N, K, x.stride(0), w.stride(0), out.stride(0), M=M, FP8=w.dtype == torch.uint8,
+                       BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+                       num_stages=stages)
     return out
 
 

@@ -33,7 +33,7 @@ from kiln.workers.models.llama import validate_layout
 from kiln.workers.parallel import ParallelContext, layer_range
 
 log = logging.getLogger("kiln.build")
-ENGINE_FORMAT = 1
+ENGINE_FORMAT = 2  # 2: int4 codes packed plane-major within a group (kiln/kernels/quant.py)
 
 
 def kiln_version() -> str:

@@ -265,7 +265,13 @@ def test_quantizers_round_trip():
     p, sc, mn = quant.quantize_int4(w, 32)
     assert rel_err(quant.dequantize_int4(p, sc, mn, torch.float32), w) < 0.12
     codes = torch.randint(0, 16, (8, 64), dtype=torch.int32)
-    assert torch.equal(quant.unpack_int4(quant.pack_int4(codes)), codes)
+    for group in (16, 32, 64):
+        assert torch.equal(quant.unpack_int4(quant.pack_int4(codes, group), group), codes)
+    # Plane-major within a group: nibble j of word i holds k = j * group/8 + i (group 16: k = 2j + i).
+    ramp = torch.arange(16, dtype=torch.int32)[None, :]
+    words = quant.pack_int4(ramp, 16)
+    expect = [sum((2 * j + i) << (4 * j) for j in range(8)) for i in range(2)]
+    assert words.tolist() == [[v - (1 << 32) if v >= 1 << 31 else v for v in expect]]
     f, fs = quant.quantize_fp8(w)
     assert rel_err(f.float() * fs[:, None], w) < 0.05
 
