@@ -49,12 +49,12 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride
     w_cols = w_ptr + offs_n[None, :].to(tl.int64) * w_stride
     for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        if BITS == 4:
-            g = k0 // GROUP
+        if BITS == 4 and BLOCK_K < GROUP:  # (a whole group is in k order already)
             r = tl.arange(0, BLOCK_K)
-            offs_k = g * GROUP + (r // BW) * (GROUP // 8) + (k0 % GROUP) // 8 + r % BW
+            offs_k = (k0 // GROUP) * GROUP + (r // BW) * (GROUP // 8) + (k0 % GROUP) // 8 + r % BW
         x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None], other=0.0)
         if BITS == 4:
+            g = k0 // GROUP
             words = k0 // 8 + tl.arange(0, BW)
             packed = tl.load(w_cols + words[:, None], mask=mask_n[None, :], other=0)
             shifts = 4 * tl.arange(0, 8)
