@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels import backend
+from kiln.kernels.quant import Fp8Activation, fp8_activation_ref
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -13,8 +14,10 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    if backend.use_triton(x):
+def silu_and_mul(x: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Activation:
+    """fp8: return the result quantized per token for an fp8 linear (one pass on a GPU)."""
+    if backend.use_triton(x) and (x.is_cuda or not fp8):  # (the interpreter's e4m3 cast is wrong)
         from kiln.kernels import activation_triton
-        return activation_triton.silu_and_mul(x)
-    return silu_and_mul_ref(x)
+        return activation_triton.silu_and_mul(x, fp8)
+    y = silu_and_mul_ref(x)
+    return fp8_activation_ref(y) if fp8 else y

@@ -1,9 +1,17 @@
-"""silu(gate) * up over the fused [gate | up] projection output (Triton)."""
+"""silu(gate) * up over the fused [gate | up] projection output (Triton).
+
+With fp8 the result is also quantized per token for the fp8 down projection
+(as quant.quantize_fp8_per_token does from the rounded result): one program
+per row finds the row's amax in a first pass and writes e4m3 codes in a
+second, instead of writing bf16 that a quantization kernel reads back.
+"""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from kiln.kernels.quant import FP8, Fp8Activation
 
 
 @triton.jit
@@ -17,13 +25,40 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, x_stride, out_stride, BLOCK: tl
     tl.store(out_ptr + row * out_stride + cols, act * up, mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+@triton.jit
+def _silu_and_mul_fp8_kernel(x_ptr, out_ptr, scale_ptr, n_cols, x_stride, out_stride, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for c0 in range(0, n_cols, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * x_stride + n_cols + cols, mask=mask, other=0.0)
+        y = (gate * tl.sigmoid(gate)).to(up.dtype) * up
+        amax = tl.maximum(amax, tl.abs(y.to(tl.float32)))
+    scale = tl.maximum(tl.max(amax, axis=0) / 448.0, 1e-12)
+    for c0 in range(0, n_cols, BLOCK):  # the row is in L2 now
+        cols = c0 + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * x_stride + n_cols + cols, mask=mask, other=0.0)
+        y = ((gate * tl.sigmoid(gate)).to(up.dtype) * up).to(tl.float32)
+        q = tl.clamp(tl.math.div_rn(y, scale), -448.0, 448.0)  # IEEE division, as the reference
+        tl.store(out_ptr + row * out_stride + cols, q.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+def silu_and_mul(x: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Activation:
     rows, width = x.shape[0], x.shape[-1] // 2
-    out = torch.empty(*x.shape[:-1], width, dtype=x.dtype, device=x.device)
-    if rows == 0:
-        return out
-    assert x.stride(-1) == 1
-    block = min(triton.next_power_of_2(width), 2048)
-    _silu_and_mul_kernel[(rows, triton.cdiv(width, block))](x, out, width, x.stride(0), out.stride(0),
-                                                             BLOCK=block, num_warps=4)
-    return out
+    out = torch.empty(*x.shape[:-1], width, dtype=FP8 if fp8 else x.dtype, device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device) if fp8 else None
+    if rows:
+        assert x.stride(-1) == 1
+        if fp8:
+            _silu_and_mul_fp8_kernel[(rows,)](x, out, scale, width, x.stride(0), out.stride(0), BLOCK=2048,
+                                              num_warps=8)
+        else:
+            block = min(triton.next_power_of_2(width), 2048)
+            _silu_and_mul_kernel[(rows, triton.cdiv(width, block))](x, out, width, x.stride(0), out.stride(0),
+                                                                     BLOCK=block, num_warps=4)
+    return Fp8Activation(out, scale, x.dtype) if fp8 else out

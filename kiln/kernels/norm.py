@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from kiln.kernels import backend
+from kiln.kernels.quant import Fp8Activation, fp8_activation_ref
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -18,17 +19,21 @@ def fused_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torc
     return rms_norm_ref(residual, weight, eps), residual
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if backend.use_triton(x):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             fp8: bool = False) -> torch.Tensor | Fp8Activation:
+    """fp8: return the result quantized per token for an fp8 linear (one pass on a GPU)."""
+    if backend.use_triton(x) and (x.is_cuda or not fp8):  # (the interpreter's e4m3 cast is wrong)
         from kiln.kernels import norm_triton
-        return norm_triton.rms_norm(x, weight, eps)
-    return rms_norm_ref(x, weight, eps)
+        return norm_triton.rms_norm(x, weight, eps, fp8)
+    y = rms_norm_ref(x, weight, eps)
+    return fp8_activation_ref(y) if fp8 else y
 
 
-def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                       fp8: bool = False) -> tuple[torch.Tensor | Fp8Activation, torch.Tensor]:
     """residual += x (in place); returns (rms_norm(residual) * weight, residual)."""
-    if backend.use_triton(x):
+    if backend.use_triton(x) and (x.is_cuda or not fp8):
         from kiln.kernels import norm_triton
-        return norm_triton.fused_add_rms_norm(x, residual, weight, eps)
-    return fused_add_rms_norm_ref(x, residual, weight, eps)
+        return norm_triton.fused_add_rms_norm(x, residual, weight, eps, fp8)
+    y, residual = fused_add_rms_norm_ref(x, residual, weight, eps)
+    return (fp8_activation_ref(y) if fp8 else y), residual

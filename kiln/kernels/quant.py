@@ -16,6 +16,8 @@ parallel shard of rows quantizes to the same bytes as the rows of the whole.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -41,6 +43,19 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+class Fp8Activation(NamedTuple):
+    """An activation already quantized per token for a W8A8 GEMM (by the norm or activation
+    kernel that produced it, which saves a pass over x): e4m3 codes [M, K], fp32 scales [M, 1],
+    and the dtype the GEMM returns."""
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+
+def fp8_activation_ref(y: torch.Tensor) -> Fp8Activation:
+    return Fp8Activation(*quantize_fp8_per_token(y), y.dtype)
+
+
 def fp8_linear_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     xq, xs = quantize_fp8_per_token(x)
     y = F.linear(xq.float() * xs, q.float() * scale[:, None])
@@ -53,11 +68,24 @@ def fp8_linear_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: 
 FP8_WEIGHT_ONLY_MAX_M = 16  # benchmarks/quant_gemm.py on the H100: _scaled_mm wins from 32 rows
 
 
-def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def fp8_quantizes_input(rows: int) -> bool:
+    """Whether an fp8 linear of `rows` rows runs W8A8 (so its producer may hand it an Fp8Activation)."""
+    return rows > FP8_WEIGHT_ONLY_MAX_M
+
+
+def fp8_linear(x: torch.Tensor | Fp8Activation, q: torch.Tensor, scale: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(x, Fp8Activation):
+        xq, xs, dtype = x
+        if xq.is_cuda:
+            y = torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=scale[None, :], out_dtype=dtype, use_fast_accum=True)
+        else:
+            y = F.linear(xq.float() * xs, q.float() * scale[:, None]).to(dtype)
+        return y + bias if bias is not None else y
     if not backend.use_triton(x):
         return fp8_linear_ref(x, q, scale, bias)
     from kiln.kernels import quant_triton
-    if x.shape[0] <= FP8_WEIGHT_ONLY_MAX_M:
+    if not fp8_quantizes_input(x.shape[0]):
         y = quant_triton.woq_linear(x, q, scale, None, bits=8)
     else:
         xq, xs = quant_triton.quantize_fp8_per_token(x)

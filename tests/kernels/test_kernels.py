@@ -307,6 +307,31 @@ def test_fp8_linear_matches_reference(m):
     assert (xq.float() != rq.float()).float().mean() < 1e-4  # same codes bar rare rounding ties
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 40, 300])
+def test_norm_and_activation_quantize_for_fp8_linears(rows):
+    """The fused per-token quantization gives the codes and scales of norm/activation then quantize."""
+    from kiln.kernels import activation_triton, norm_triton
+    from kiln.kernels.quant import quantize_fp8_per_token
+
+    def same(got, ref_y):
+        rq, rs = quantize_fp8_per_token(ref_y)
+        assert got.dtype == ref_y.dtype and torch.allclose(got.scale, rs)
+        assert (got.q.float() != rq.float()).float().mean() < 1e-4  # bar rare rounding ties
+
+    x = torch.randn(rows, 4096, dtype=torch.bfloat16, device="cuda") * 3
+    w = torch.randn(4096, dtype=torch.bfloat16, device="cuda")
+    same(norm_triton.rms_norm(x, w, 1e-5, fp8=True), rms_norm_ref(x, w, 1e-5))
+    res, res_ref = torch.randn_like(x), None
+    res_ref = res.clone()
+    got, _ = norm_triton.fused_add_rms_norm(x, res, w, 1e-5, fp8=True)
+    ref, _ = fused_add_rms_norm_ref(x, res_ref, w, 1e-5)
+    same(got, ref)
+    assert torch.equal(res, res_ref)
+    gu = torch.randn(rows, 2 * 14336, dtype=torch.bfloat16, device="cuda") * 2
+    same(activation_triton.silu_and_mul(gu, fp8=True), silu_and_mul_ref(gu))
+
+
 def test_int4_dequantize_kernel_matches_reference():
     from kiln.kernels import quant, quant_triton
 

@@ -83,7 +83,7 @@ class _Linear(nn.Module):
                 and self.weight.dtype == torch.float32:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
+    def linear(self, x: torch.Tensor | quant_kernels.Fp8Activation) -> torch.Tensor:
         bias = getattr(self, "bias", None)
         if self.quant == "fp8":
             return quant_kernels.fp8_linear(x, self.qweight, self.scales, bias)
