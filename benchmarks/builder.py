@@ -104,12 +104,17 @@ def main() -> None:
         for path in args.merge:
             with open(path) as f:
                 rec = json.load(f)
-            figures.update(rec["figures"])  # a later file's run replaces an earlier file's
+            for run, fig in rec["figures"].items():  # a later file's run replaces an earlier file's
+                if not rec.get("parts"):  # a plain run file: its runs come from its commit
+                    fig["git_commit"] = rec["git_commit"]
+                figures[run] = fig
             # A file that is itself a merge brings its parts, so every figure keeps its provenance.
             parts.extend(rec.get("parts") or [{k: rec[k] for k in ("benchmark", "device", "date", "git_commit",
                                                                      "command", "torch")}])
             if rec["device"] != parts[0]["device"]:
                 raise ValueError(f"{path} ran on {rec['device']}, not {parts[0]['device']}")
+        used = {f.get("git_commit") for f in figures.values()}  # keep the parts some figure still comes from
+        parts = [p for p in parts if p["git_commit"] in used]
     else:
         for run in args.runs:
             figures[run] = spawn(run, "build", args)
