@@ -25,7 +25,8 @@ mean). Reported per policy: the prefix-cache hit rate the replicas measured (cac
 against `ideal_hit_rate`: one unbounded cache that sees every request in the order they were sent and
 keeps every full block of every prompt and of every answer (as the next turn spells it), an upper bound
 no real cache reaches; TTFT mean/p50/p99 (streamed, client side), and the mean for first turns (cold
-under every policy) and later ones apart; output tokens per second.
+under every policy) and later ones apart; output tokens per second. Each fresh server is warmed up first
+with unrelated requests (a GPU server compiles kernels on its first steps).
 """
 from __future__ import annotations
 
@@ -116,6 +117,20 @@ def serve_command(policy: str, port: int, args) -> list[str]:
     return cmd
 
 
+def warm_up(client, model: str, replicas: int) -> None:
+    """Requests unrelated to the workload, short and long, several at once on every replica, before
+    anything is measured: a fresh GPU server compiles kernels on its first steps, which would land on
+    whichever policy runs first. (The hit rates count from after this; its blocks are evicted first.)"""
+    def one(i: int) -> None:
+        text = f"warm-up {i}: " + " ".join(f"w{(i * 7919 + j) % 1000}" for j in range(16 + 400 * (i % 2)))
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}], max_tokens=4,
+                                       temperature=0)
+
+    for rnd in range(2):
+        with concurrent.futures.ThreadPoolExecutor(4 * replicas) as pool:
+            list(pool.map(one, range(rnd * 8 * replicas, (rnd + 1) * 8 * replicas)))
+
+
 def run_policy(policy: str, convs, args, tokenizer) -> dict:
     import openai
 
@@ -139,6 +154,7 @@ def run_policy(policy: str, convs, args, tokenizer) -> dict:
             time.sleep(1)
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=600)
         model = client.models.list().data[0].id
+        warm_up(client, model, args.replicas)
         before = _metric_sums(base)
         ttfts, out_tokens = [], [0]
         by_turn: dict[bool, list[float]] = {True: [], False: []}  # TTFTs of first turns, of later ones
