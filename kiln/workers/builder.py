@@ -328,7 +328,8 @@ def cache_dir() -> str:
 
 
 def cached_engine(config: EngineConfig, source: ModelSource, verbose: bool = False) -> str:
-    """The engine for (checkpoint, build settings, device), built on first use."""
+    """The engine for (checkpoint, build settings, device), built on first use. The key holds the
+    kiln version and engine format, so a cache filled by an older kiln is rebuilt, not refused."""
     from kiln.workers.engine import resolve_device
 
     device = resolve_device(config.device)
@@ -341,7 +342,7 @@ def cached_engine(config: EngineConfig, source: ModelSource, verbose: bool = Fal
     key = json.dumps({"path": os.path.abspath(p), "files": stat, "quant": dataclasses.asdict(config.quant),
                       "dtype": config.dtype, "tp": config.parallel.tensor_parallel_size,
                       "pp": config.parallel.pipeline_parallel_size, "target": target_of(device),
-                      "kiln": kiln_version()}, sort_keys=True)
+                      "kiln": kiln_version(), "format": ENGINE_FORMAT}, sort_keys=True)
     out = os.path.join(cache_dir(), hashlib.sha256(key.encode()).hexdigest()[:20])
     if not os.path.exists(os.path.join(out, "engine.json")):
         tmp = out + f".tmp{os.getpid()}"

@@ -122,3 +122,8 @@ def test_cli_build_and_cache(tmp_path, monkeypatch, smollm_path):
     entries = os.listdir(tmp_path / "cache")
     LLM(smollm_path, device="cpu")
     assert os.listdir(tmp_path / "cache") == entries
+    # A new engine format builds a new entry instead of refusing the old one.
+    from kiln.workers import builder
+    monkeypatch.setattr(builder, "ENGINE_FORMAT", builder.ENGINE_FORMAT + 1)
+    b = LLM(smollm_path, device="cpu")
+    assert b.config.model != a.config.model and len(os.listdir(tmp_path / "cache")) == len(entries) + 1
