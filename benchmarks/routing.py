@@ -117,18 +117,25 @@ def serve_command(policy: str, port: int, args) -> list[str]:
     return cmd
 
 
-def warm_up(client, model: str, replicas: int) -> None:
-    """Requests unrelated to the workload, short and long, several at once on every replica, before
-    anything is measured: a fresh GPU server compiles kernels on its first steps, which would land on
-    whichever policy runs first. (The hit rates count from after this; its blocks are evicted first.)"""
+def warm_up(client, model: str, tokenizer, replicas: int, longest: int) -> None:
+    """Requests unrelated to the workload, from short to as long as its longest prompt, several at once
+    on every replica, before anything is measured: a fresh GPU server compiles kernels on its first
+    steps of each kind, which would land on whichever policy runs first. (The hit rates count from
+    after this; its blocks are the first evicted.)"""
+    rng = random.Random(12345)
+    hi = min(tokenizer.vocab_size, 30000)
+    lengths = sorted({min(16, longest), min(512, longest), longest})
+
     def one(i: int) -> None:
-        text = f"warm-up {i}: " + " ".join(f"w{(i * 7919 + j) % 1000}" for j in range(16 + 400 * (i % 2)))
+        n = max(1, lengths[i % len(lengths)] - 32)  # (the chat template adds a few tokens)
+        text = tokenizer.decode([rng.randrange(300, hi) for _ in range(n)])
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}], max_tokens=4,
                                        temperature=0)
 
+    n = len(lengths) * 2 * replicas
     for rnd in range(2):
         with concurrent.futures.ThreadPoolExecutor(4 * replicas) as pool:
-            list(pool.map(one, range(rnd * 8 * replicas, (rnd + 1) * 8 * replicas)))
+            list(pool.map(one, range(rnd * n, (rnd + 1) * n)))
 
 
 def run_policy(policy: str, convs, args, tokenizer) -> dict:
@@ -154,7 +161,7 @@ def run_policy(policy: str, convs, args, tokenizer) -> dict:
             time.sleep(1)
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=600)
         model = client.models.list().data[0].id
-        warm_up(client, model, args.replicas)
+        warm_up(client, model, tokenizer, args.replicas, args.warm_up_tokens)
         before = _metric_sums(base)
         ttfts, out_tokens = [], [0]
         by_turn: dict[bool, list[float]] = {True: [], False: []}  # TTFTs of first turns, of later ones
@@ -308,6 +315,12 @@ def main() -> None:
     if args.kv_cache_bytes is None:
         blocks = int(args.cache_fraction * workload_tokens) // args.block_size
         args.kv_cache_bytes = blocks * args.block_size * kv_bytes_per_token
+    # Warm-up prompts as long as the workload's longest, within what a replica's context can hold.
+    args.warm_up_tokens = args.system_tokens + args.document_tokens + args.turns * (args.question_tokens +
+                                                                                  args.max_tokens)
+    for cap in (args.kv_cache_bytes and args.kv_cache_bytes // kv_bytes_per_token, args.max_model_len):
+        if cap:
+            args.warm_up_tokens = min(args.warm_up_tokens, cap - args.max_tokens - 16)
     print(f"workload: {workload_tokens} distinct tokens; each replica's KV cache: {args.kv_cache_bytes} bytes "
           f"= {args.kv_cache_bytes // kv_bytes_per_token} tokens", flush=True)
     runs = []
