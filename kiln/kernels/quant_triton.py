@@ -32,9 +32,10 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
     """Quantized W [N, K] on tensor cores, for batches past the GEMV's: the codes are widened to
     x's dtype in registers. int4: a tile lies inside one group (GROUP % BLOCK_K == 0) and holds
-    BW = BLOCK_K/8 of its words; unpacking them along a new leading plane axis gives rows
-    r = j * BW + i, which are k = group start + j * GROUP/8 + (first word) + i, and x is
-    loaded in that order."""
+    BW = BLOCK_K/8 of its words; unpacking them along a new middle axis and merging it with the
+    first gives rows r = 8i + j (the register layout of the pre-plane-major packing, which the
+    H100 ran fastest), which are k = group start + j * GROUP/8 + (first word) + i: x, a few
+    rows, is gathered in that order instead."""
     BW: tl.constexpr = BLOCK_K // 8
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -49,16 +50,16 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride
     w_cols = w_ptr + offs_n[None, :].to(tl.int64) * w_stride
     for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        if BITS == 4 and BLOCK_K < GROUP:  # (a whole group is in k order already)
+        if BITS == 4:
             r = tl.arange(0, BLOCK_K)
-            offs_k = (k0 // GROUP) * GROUP + (r // BW) * (GROUP // 8) + (k0 % GROUP) // 8 + r % BW
+            offs_k = (k0 // GROUP) * GROUP + (r % 8) * (GROUP // 8) + (k0 % GROUP) // 8 + r // 8
         x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None], other=0.0)
         if BITS == 4:
             g = k0 // GROUP
             words = k0 // 8 + tl.arange(0, BW)
             packed = tl.load(w_cols + words[:, None], mask=mask_n[None, :], other=0)
             shifts = 4 * tl.arange(0, 8)
-            codes = tl.reshape((packed[None, :, :] >> shifts[:, None, None]) & 0xF, (BLOCK_K, BLOCK_N))
+            codes = tl.reshape((packed[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
             scale = tl.load(s_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
             mn = tl.load(z_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
             w = (codes.to(tl.float32) * scale[None, :] + mn[None, :]).to(x.dtype)
