@@ -81,8 +81,8 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, x_stride, w_stride, out_stride, M: tl.constexpr, FP8: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, x_stride, w_stride, out_stride, M: tl.constexpr,
+                 FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """A few rows of x against [BLOCK_N, K] of 8-bit W: the weight tile is read once,
     K-contiguous (vector loads), and reduced per tile to keep registers few; no tensor cores,
     no split-K buffer."""
@@ -272,9 +272,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
     block_k = min(block_k, K)
     if K % block_k:
         raise ValueError(f"K={K} must be a multiple of {block_k}")
-    _gemv_kernel[grid](x, w, scales, out, N, K, x.stride(0), w.stride(0), out.stride(0), M=M, FP8=w.dtype == torch.uint8,
-                       BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-                       num_stages=stages)
+    _gemv_kernel[grid](x, w, scales, out, N, K, x.stride(0), w.stride(0), out.stride(0), M=M,
+                       FP8=w.dtype == torch.uint8, BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n,
+                       BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return out
 
 
