@@ -12,6 +12,16 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.quant import FP8, Fp8Activation
+from kiln.kernels.quant_triton import fp8_codes, fp8_scale
+
+
+@triton.jit
+def _swiglu(row_ptr, cols, mask, n_cols):
+    """silu(gate) * up at `cols` of one [gate | up] row, rounded as the reference (silu, then the
+    product, each in x's dtype)."""
+    gate = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(row_ptr + n_cols + cols, mask=mask, other=0.0)
+    return (gate * tl.sigmoid(gate)).to(up.dtype) * up
 
 
 @triton.jit
@@ -19,10 +29,7 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, x_stride, out_stride, BLOCK: tl
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
-    gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * x_stride + n_cols + cols, mask=mask, other=0.0)
-    act = (gate * tl.sigmoid(gate)).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + row * out_stride + cols, act * up, mask=mask)
+    tl.store(out_ptr + row * out_stride + cols, _swiglu(x_ptr + row * x_stride, cols, mask, n_cols), mask=mask)
 
 
 @triton.jit
@@ -31,20 +38,14 @@ def _silu_and_mul_fp8_kernel(x_ptr, out_ptr, scale_ptr, n_cols, x_stride, out_st
     amax = tl.zeros([BLOCK], dtype=tl.float32)
     for c0 in range(0, n_cols, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(x_ptr + row * x_stride + n_cols + cols, mask=mask, other=0.0)
-        y = (gate * tl.sigmoid(gate)).to(up.dtype) * up
-        amax = tl.maximum(amax, tl.abs(y.to(tl.float32)))
-    scale = tl.maximum(tl.max(amax, axis=0) / 448.0, 1e-12)
+        y = _swiglu(x_ptr + row * x_stride, cols, cols < n_cols, n_cols).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(y))
+    scale = fp8_scale(tl.max(amax, axis=0))
     for c0 in range(0, n_cols, BLOCK):  # the row is in L2 now
         cols = c0 + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(x_ptr + row * x_stride + n_cols + cols, mask=mask, other=0.0)
-        y = ((gate * tl.sigmoid(gate)).to(up.dtype) * up).to(tl.float32)
-        q = tl.clamp(tl.math.div_rn(y, scale), -448.0, 448.0)  # IEEE division, as the reference
-        tl.store(out_ptr + row * out_stride + cols, q.to(out_ptr.dtype.element_ty), mask=mask)
+        y = _swiglu(x_ptr + row * x_stride, cols, cols < n_cols, n_cols).to(tl.float32)
+        tl.store(out_ptr + row * out_stride + cols, fp8_codes(y, scale).to(out_ptr.dtype.element_ty),
+                 mask=cols < n_cols)
     tl.store(scale_ptr + row, scale)
 
 

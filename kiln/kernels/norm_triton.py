@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.quant import FP8, Fp8Activation
+from kiln.kernels.quant_triton import fp8_codes, fp8_scale
 
 
 @triton.jit
@@ -31,9 +32,8 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, scale_ptr, n_cols, x_stride
     y = (x * tl.rsqrt(var + eps)).to(x_ptr.dtype.element_ty) * w
     if QUANT:
         yf = y.to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(yf), axis=0) / 448.0, 1e-12)
-        q = tl.clamp(tl.math.div_rn(yf, scale), -448.0, 448.0)  # IEEE division, as the reference
-        tl.store(out_ptr + row * out_stride + cols, q.to(out_ptr.dtype.element_ty), mask=mask)
+        scale = fp8_scale(tl.max(tl.abs(yf), axis=0))
+        tl.store(out_ptr + row * out_stride + cols, fp8_codes(yf, scale).to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_ptr + row, scale)
     else:
         tl.store(out_ptr + row * out_stride + cols, y, mask=mask)

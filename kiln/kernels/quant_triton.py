@@ -199,6 +199,18 @@ def _dequant_int4_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, w_stride, s_stride, ou
 
 
 @triton.jit
+def fp8_scale(amax):
+    """A row's per-token e4m3 scale from its max |x|, as quant.quantize_fp8_per_token."""
+    return tl.maximum(amax / 448.0, 1e-12)
+
+
+@triton.jit
+def fp8_codes(x, scale):
+    """fp32 x / scale, clamped to the e4m3 range (IEEE division, as the reference); the caller casts."""
+    return tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0)
+
+
+@triton.jit
 def _fp8_per_token_kernel(x_ptr, q_ptr, s_ptr, K, x_stride, q_stride, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     amax = tl.zeros([BLOCK], dtype=tl.float32)
@@ -206,12 +218,11 @@ def _fp8_per_token_kernel(x_ptr, q_ptr, s_ptr, K, x_stride, q_stride, BLOCK: tl.
         offs = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * x_stride + offs, mask=offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, axis=0) / 448.0, 1e-12)
+    scale = fp8_scale(tl.max(amax, axis=0))
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * x_stride + offs, mask=offs < K, other=0.0).to(tl.float32)
-        q = tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0)  # IEEE division, as the reference
-        tl.store(q_ptr + row * q_stride + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)
+        tl.store(q_ptr + row * q_stride + offs, fp8_codes(x, scale).to(q_ptr.dtype.element_ty), mask=offs < K)
     tl.store(s_ptr + row, scale)
 
 

@@ -83,6 +83,11 @@ class _Linear(nn.Module):
                 and self.weight.dtype == torch.float32:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
 
+    def takes_fp8_input(self, rows: int) -> bool:
+        """Whether this linear runs W8A8 at `rows` rows, so its producer should hand it an
+        Fp8Activation (quantized in the same pass) instead of a tensor it would quantize."""
+        return self.quant == "fp8" and quant_kernels.fp8_quantizes_input(rows)
+
     def linear(self, x: torch.Tensor | quant_kernels.Fp8Activation) -> torch.Tensor:
         bias = getattr(self, "bias", None)
         if self.quant == "fp8":

@@ -17,7 +17,7 @@ from kiln.config import ModelConfig
 from kiln.kernels.activation import silu_and_mul
 from kiln.kernels.attention import AttentionMetadata, paged_attention
 from kiln.kernels.norm import fused_add_rms_norm, rms_norm
-from kiln.kernels.quant import Fp8Activation, fp8_quantizes_input
+from kiln.kernels.quant import Fp8Activation
 from kiln.kernels.rope import rope_cos_sin, rope_and_cache
 from kiln.workers.models.layers import (MergedColumnLinear, ParallelLMHead, RowParallelLinear,
                                         VocabParallelEmbedding, _copy)
@@ -85,7 +85,7 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor | Fp8Activation, cos_sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
-        T = x[0].shape[0] if isinstance(x, Fp8Activation) else x.shape[0]
+        T = positions.shape[0]
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
@@ -108,8 +108,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        fp8 = self.down_proj.quant == "fp8" and fp8_quantizes_input(gate_up.shape[0])
-        return self.down_proj(silu_and_mul(gate_up, fp8))
+        return self.down_proj(silu_and_mul(gate_up, self.down_proj.takes_fp8_input(gate_up.shape[0])))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -128,7 +127,8 @@ class LlamaDecoderLayer(nn.Module):
                 cos_sin: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         # An fp8 linear that quantizes its input gets it quantized by the norm (one pass, no bf16 copy).
-        fp8 = self.self_attn.qkv_proj.quant == "fp8" and fp8_quantizes_input(h.shape[0])
+        T = h.shape[0]
+        fp8 = self.self_attn.qkv_proj.takes_fp8_input(T)
         if residual is None:
             residual = h
             h = rms_norm(h, self.input_layernorm, self.eps, fp8)
@@ -136,7 +136,7 @@ class LlamaDecoderLayer(nn.Module):
             h, residual = fused_add_rms_norm(h, residual, self.input_layernorm, self.eps, fp8)
         h = self.self_attn(positions, h, cos_sin, kv_cache, meta)
         h, residual = fused_add_rms_norm(h, residual, self.post_attention_layernorm, self.eps,
-                                         self.mlp.gate_up_proj.quant == "fp8" and fp8)
+                                         self.mlp.gate_up_proj.takes_fp8_input(T))
         return self.mlp(h), residual
 
 
