@@ -84,7 +84,8 @@ def _engine_config(args: argparse.Namespace):
                                   max_model_len=args.max_model_len or 0,
                                   async_scheduling=_async_scheduling(args)),
         parallel=ParallelConfig(args.tp, args.pp),
-        quant=QuantConfig(mode=args.quant, kv_cache_dtype=args.kv_cache_dtype))
+        quant=QuantConfig(mode=args.quant, kv_cache_dtype=args.kv_cache_dtype,
+                          lm_head=getattr(args, "quant_lm_head", "auto")))
 
 
 def _serve_config(args: argparse.Namespace):
@@ -277,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--output", required=True, help="engine directory to write")
     b.add_argument("--max-seq-len", type=int, default=None, help="context the engine is built for")
     b.add_argument("--max-batch-size", type=int, default=None, help="most sequences per step")
+    b.add_argument("--quant-lm-head", default="auto", choices=["auto", "none", "int8-wo"],
+                   help="LM head storage (auto: int8-wo with --quant int4-awq, else the model dtype)")
     _engine_args(b)
     b.set_defaults(func=cmd_build)
 

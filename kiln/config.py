@@ -144,6 +144,9 @@ class QuantConfig:
     kv_cache_dtype: str = "auto"  # auto: the model dtype; fp8: e4m3 with per-layer scales
     group_size: int = 128  # int4-awq
     calibration_tokens: int = 2048  # AWQ and FP8-KV scales are measured on this much built-in text
+    # The LM head: none keeps the model dtype; int8-wo stores int8 rows with a scale each. auto:
+    # int8-wo for int4-awq, whose point is batch-1 decode, where the head is a fifth of the bytes.
+    lm_head: str = "auto"
 
     def __post_init__(self) -> None:
         if self.mode not in QUANT_MODES:
@@ -153,6 +156,14 @@ class QuantConfig:
         if self.group_size not in (32, 64, 128):
             raise ValueError(f"group_size must be 32, 64 or 128; got {self.group_size}")
         _positive("calibration_tokens", self.calibration_tokens)
+        if self.lm_head not in ("auto", "none", "int8-wo"):
+            raise ValueError(f"lm_head must be auto, none or int8-wo; got {self.lm_head!r}")
+
+    def lm_head_quant(self) -> str:
+        """How the LM head is stored: `lm_head` with auto resolved."""
+        if self.lm_head == "auto":
+            return "int8-wo" if self.mode == "int4-awq" else "none"
+        return self.lm_head
 
 
 @dataclass

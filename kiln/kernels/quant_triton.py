@@ -113,18 +113,19 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, x_stride, w_stride, out_str
 
 
 @triton.jit
-def _int4_tile_dot(packed, x_ptr, k0, xw, magic, WG: tl.constexpr):
-    """For one tile of packed words [rows, W]: t = sum_j f_j x'_j per (row, word), with
-    f = 1 + q 2^-8 (even planes) or 1 + q 2^-4 (odd planes) and x' = 256 x or 16 x, so
-    x' f = x' + x q; also per word sum_j x_j and sum_j x'_j."""
+def _int4_tile_dot(packed, x_ptr, k0, xw, magic_even, magic_odd, WG: tl.constexpr):
+    """For one tile of packed words [rows, W]: t = sum_j f_j x_j per (row, word), with
+    f = 256 + q (even planes) or 16 + q (odd planes); also per word the sums of x over the
+    even and over the odd planes, so that sum q x = t - 256 sum_even - 16 sum_odd."""
     t = tl.zeros(packed.shape, dtype=tl.float32)
-    xs = tl.zeros(xw.shape, dtype=tl.float32)
-    xps = tl.zeros(xw.shape, dtype=tl.float32)
+    x_even = tl.zeros(xw.shape, dtype=tl.float32)
+    x_odd = tl.zeros(xw.shape, dtype=tl.float32)
     for j in tl.static_range(8):
         xj = tl.load(x_ptr + k0 + j * WG + xw).to(tl.float32)  # plane j: a contiguous run of x
-        # Nibbles 2i and 2i+1 share one shift and land on mantissa bits 15 and 19 (high enough
-        # that x' f loses nothing that matters to the cancellation of x'). `magic` is 1.0f as an
-        # argument, so it sits in a register and mask-and-or is one LOP3 (one immediate each).
+        # Nibbles 2i and 2i+1 share one shift and land on mantissa bits 15 and 19. ORed into
+        # 256.0f and 16.0f they read 256 + q and 16 + q exactly: no int->float convert and no
+        # scaling of x, and 256 x + q x in fp32 keeps q x to ~2^-16 of x. The magics are
+        # arguments, so they sit in registers and mask-and-or is one LOP3 (one immediate each).
         if j // 2 == 0:
             src = packed << 15
         elif j // 2 == 1:
@@ -134,19 +135,17 @@ def _int4_tile_dot(packed, x_ptr, k0, xw, magic, WG: tl.constexpr):
         else:
             src = packed >> 9
         if j % 2 == 0:
-            bits = (src & 0x78000) | magic
-            xp = xj * 256.0
+            bits = (src & 0x78000) | magic_even
+            x_even += xj
         else:
-            bits = (src & 0x780000) | magic
-            xp = xj * 16.0
-        xs += xj
-        xps += xp
-        t += bits.to(tl.float32, bitcast=True) * xp[None, :]
-    return t, xs, xps
+            bits = (src & 0x780000) | magic_odd
+            x_odd += xj
+        t += bits.to(tl.float32, bitcast=True) * xj[None, :]
+    return t, x_even, x_odd
 
 
 @triton.jit
-def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, w_stride, s_stride, magic,
+def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, w_stride, s_stride, magic_even, magic_odd,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
     """One row of x against [BLOCK_N, K] of plane-major int4 W. The tile [BLOCK_N, W words] is
     laid out with every thread holding all BLOCK_N rows of its words, so each x run is loaded
@@ -167,7 +166,9 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, w_stride, s_str
     packed = tl.load(w_rows, mask=mask_n[:, None], other=0)
     for kw in range(0, KW, W):
         nxt = tl.load(w_rows + (kw + W), mask=mask_n[:, None] & (kw + W + words[None, :] < KW), other=0)
-        t, xs, xps = _int4_tile_dot(packed, x_ptr, kw * 8, xw, magic, WG)
+        t, x_even, x_odd = _int4_tile_dot(packed, x_ptr, kw * 8, xw, magic_even, magic_odd, WG)
+        xps = 256.0 * x_even + 16.0 * x_odd
+        xs = x_even + x_odd
         g = (kw // WG + tl.arange(0, G))[None, :]
         scale = tl.load(s_ptr + s_rows + g, mask=mask_n[:, None], other=0.0).to(tl.float32)
         mn = tl.load(z_ptr + s_rows + g, mask=mask_n[:, None], other=0.0).to(tl.float32)
@@ -277,7 +278,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
         if M != 1:
             raise ValueError(f"the int4 GEMV takes one row of x, got {M}")
         block_k = _int4_block_k(block_k, K, group)
-        _int4_gemv_kernel[grid](x, w, scales, mins, out, N, K, w.stride(0), scales.stride(0), 0x3F800000,
+        _int4_gemv_kernel[grid](x, w, scales, mins, out, N, K, w.stride(0), scales.stride(0), 0x43800000, 0x41800000,
                                 BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group, num_warps=warps, num_stages=stages)
         return out
     block_k = min(block_k, K)

@@ -33,7 +33,7 @@ from kiln.workers.models.llama import validate_layout
 from kiln.workers.parallel import ParallelContext, layer_range
 
 log = logging.getLogger("kiln.build")
-ENGINE_FORMAT = 2  # 2: int4 codes packed plane-major within a group (kiln/kernels/quant.py)
+ENGINE_FORMAT = 3  # 2: int4 codes packed plane-major within a group (kiln/kernels/quant.py); 3: quant.lm_head
 
 
 def kiln_version() -> str:
@@ -120,7 +120,7 @@ class Builder:
         from kiln.workers.quantize import calibration_tokens, quantize_model
 
         cfg = self.config
-        q = cfg.quant
+        q = dataclasses.replace(cfg.quant, lm_head=cfg.quant.lm_head_quant())  # the engine says what it holds
         t0 = time.perf_counter()
         progress = _Progress(self.verbose)
         source = source or resolve_model(cfg.model, cfg.random_weights)
@@ -138,7 +138,7 @@ class Builder:
             for rank in range(tp * pp):
                 ctx = ParallelContext(tp_rank=rank % tp, tp_size=tp, pp_rank=rank // tp, pp_size=pp)
                 with torch.device(device):
-                    model = LlamaForCausalLM(mc, ctx, dtype, device, 1, q.mode, q.group_size)
+                    model = LlamaForCausalLM(mc, ctx, dtype, device, 1, q.mode, q.group_size, q.lm_head)
                 model.init_random(cfg.seed + rank)
                 files[str(rank)] = self._save(model, out_dir, rank, save_file, progress)
                 del model
@@ -154,10 +154,11 @@ class Builder:
             if q.mode == "int4-awq" and source.quant_block and source.quant_block < q.group_size:
                 # The checkpoint is already block-quantized: keep its blocks, so nothing is lost twice.
                 q = dataclasses.replace(q, group_size=source.quant_block)
-            if q.mode != "none" or q.kv_cache_dtype == "fp8":
+            if q.mode != "none" or q.kv_cache_dtype == "fp8" or q.lm_head != "none":
                 tokens = calibration_tokens(source.tokenizer, mc.vocab_size, q.calibration_tokens,
                                             use_text=source.weights is not None)
-                group = quantize_model(full, q.mode, q.kv_cache_dtype == "fp8", q.group_size, tokens, dtype, device)
+                group = quantize_model(full, q.mode, q.kv_cache_dtype == "fp8", q.group_size, tokens, dtype, device,
+                                       q.lm_head)
                 q = dataclasses.replace(q, group_size=group)
                 progress.stage(f"quantized to {q.mode}" + (", calibrated FP8 KV scales"
                                                            if q.kv_cache_dtype == "fp8" else ""), _nbytes(full))
@@ -167,7 +168,8 @@ class Builder:
                     shard = full
                 else:
                     with torch.device("meta"):
-                        shard = LlamaForCausalLM(mc, ctx, dtype, torch.device("meta"), 1, q.mode, q.group_size)
+                        shard = LlamaForCausalLM(mc, ctx, dtype, torch.device("meta"), 1, q.mode, q.group_size,
+                                                 q.lm_head)
                     shard = slice_shard(full, shard, ctx)
                 files[str(rank)] = self._save(shard, out_dir, rank, save_file, progress)
         if source.tokenizer is not None:
@@ -214,8 +216,7 @@ def _nbytes(model) -> int:
 def engine_state(model) -> dict[str, torch.Tensor]:
     """What an engine file holds: parameters and persistent buffers, a tied LM head once."""
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.lm_head is not None and model.embed_tokens is not None \
-            and model.lm_head.weight is model.embed_tokens.weight:
+    if model.lm_head_tied():
         state.pop("lm_head.weight", None)
     return state
 
@@ -244,16 +245,16 @@ def slice_shard(full, shard, ctx: ParallelContext):
                     per = None  # a scale per output row: every column shard keeps all of them
                 if per is not None:
                     value = value[:, m.start // per:(m.start + m.size) // per]
-            elif isinstance(m, VocabParallelEmbedding) and key == "weight":
+            elif isinstance(m, VocabParallelEmbedding) and key in ("weight", "qweight", "scales"):
                 rows = value[m.start:m.start + m.per_rank]
-                value = torch.zeros(m.per_rank, value.shape[1], dtype=value.dtype, device=device)
+                value = torch.zeros(m.per_rank, *value.shape[1:], dtype=value.dtype, device=device)
                 value[:rows.shape[0]] = rows
             new = value.detach().clone().to(device)
             if isinstance(t, torch.nn.Parameter):
                 setattr(m, key, torch.nn.Parameter(new, requires_grad=False))
             else:
                 m.register_buffer(key, new, persistent=key != "cos_sin")
-    if shard.lm_head is not None and shard.embed_tokens is not None and full.cfg.tie_word_embeddings:
+    if shard.lm_head_tied():
         shard.lm_head.weight = shard.embed_tokens.weight
     return shard
 
@@ -272,7 +273,8 @@ def check_engine(meta: dict, path: str, device: torch.device, tp: int, pp: int) 
     """Refuse an engine built for another GPU, layout or kiln version, saying how to rebuild."""
     build = meta["build"]
     rebuild = (f"kiln build {meta.get('checkpoint') or 'CHECKPOINT'} -o {path} --tp {tp} --pp {pp} "
-               f"--quant {build['quant']['mode']} --kv-cache-dtype {build['quant']['kv_cache_dtype']}")
+               f"--quant {build['quant']['mode']} --kv-cache-dtype {build['quant']['kv_cache_dtype']}"
+               f" --quant-lm-head {build['quant'].get('lm_head', 'auto')}")
     problems = []
     if meta.get("format_version") != ENGINE_FORMAT:
         problems.append(f"engine format {meta.get('format_version')} (this kiln reads {ENGINE_FORMAT})")
@@ -304,13 +306,13 @@ def load_engine_model(meta: dict, path: str, ctx: ParallelContext, device: torch
     # Built on the meta device: the file's tensors become the parameters (no second copy).
     meta_dev = torch.device("meta")
     with meta_dev:
-        model = LlamaForCausalLM(mc, ctx, dtype, meta_dev, 1, q.mode, q.group_size)
+        model = LlamaForCausalLM(mc, ctx, dtype, meta_dev, 1, q.mode, q.group_size, q.lm_head)
     model.register_buffer("cos_sin", rope_cos_sin(mc.head_dim, max_positions, mc.rope_theta, mc.rope_scaling,
                                                   device), persistent=False)
     file = os.path.join(path, meta["files"][str(ctx.rank)])
     state = load_to_device(file, device)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    tied = model.lm_head is not None and model.embed_tokens is not None and mc.tie_word_embeddings
+    tied = model.lm_head_tied()
     if tied:
         model.lm_head.weight = model.embed_tokens.weight
     missing = [k for k in missing if not (tied and k == "lm_head.weight")]

@@ -95,13 +95,13 @@ class Engine:
                 check_fp8_supported(self.device)
             with torch.device(self.device):
                 self.model = LlamaForCausalLM(mc, self.ctx, self.dtype, self.device, self.max_model_len,
-                                              quant.mode, quant.group_size)
+                                              quant.mode, quant.group_size, quant.lm_head_quant())
             self.model.init_random(config.seed)
         else:
             with torch.device(self.device):
                 self.model = LlamaForCausalLM(mc, self.ctx, self.dtype, self.device, self.max_model_len)
             self.model.load_weights(source.weights())
-            if quant.mode != "none" or quant.kv_cache_dtype == "fp8":
+            if quant.mode != "none" or quant.kv_cache_dtype == "fp8" or quant.lm_head_quant() != "none":
                 if self.ctx.world_size > 1:
                     raise ValueError("quantizing a checkpoint needs a build: kiln build CHECKPOINT -o DIR "
                                      "--quant ... (LLM(checkpoint, quant=...) does this for you)")
@@ -111,7 +111,7 @@ class Engine:
                     quant = dataclasses.replace(quant, group_size=source.quant_block)
                 tokens = calibration_tokens(source.tokenizer, mc.vocab_size, quant.calibration_tokens, True)
                 group = quantize_model(self.model, quant.mode, quant.kv_cache_dtype == "fp8", quant.group_size,
-                                       tokens, self.dtype, self.device)
+                                       tokens, self.dtype, self.device, quant.lm_head_quant())
                 quant = dataclasses.replace(quant, group_size=group)
         self.quant = quant
         self.kv_dtype = torch.float8_e4m3fn if quant.kv_cache_dtype == "fp8" else self.dtype

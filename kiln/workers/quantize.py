@@ -151,14 +151,17 @@ def set_kv_scales(attn, capture: AttentionCapture) -> None:
 
 @torch.no_grad()
 def quantize_model(model, mode: str, kv_fp8: bool, group: int, tokens: list[int], dtype: torch.dtype,
-                   device: torch.device) -> int:
-    """Quantize a loaded dense model in place, calibrating on `tokens` layer by layer.
+                   device: torch.device, lm_head: str = "none") -> int:
+    """Quantize a loaded dense model in place, calibrating on `tokens` layer by layer; the LM
+    head (rounded to nearest, per row) as `lm_head` says.
 
     Returns the int4 group size used (smaller than asked when the layer widths need it)."""
     if mode == "fp8":
         qk.check_fp8_supported(device)
     if mode == "int4-awq":
         group = pick_group(model, group)
+    if lm_head != "none" and model.lm_head is not None:
+        model.lm_head.quantize_(lm_head)
     if mode == "none" and not kv_fp8:
         return group
     runner = LayerRunner(model, tokens, dtype, device)

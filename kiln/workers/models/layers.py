@@ -190,7 +190,15 @@ class VocabParallelEmbedding(_Linear):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Each rank scores its vocab shard; the shards are gathered on every rank."""
+    """Each rank scores its vocab shard; the shards are gathered on every rank. `quant` int8-wo
+    allocates int8 rows (to load an engine's); a dense head is quantized with `quantize_`."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, ctx: ParallelContext,
+                 dtype: torch.dtype, device: torch.device, quant: str = "none") -> None:
+        super().__init__(vocab_size, hidden_size, ctx, dtype, device)
+        if quant != "none":
+            del self.weight
+            self._make_weight(self.per_rank, hidden_size, dtype, device, quant, quant_kernels.INT4_GROUP)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.ctx.all_gather_last_dim(self.linear(hidden))

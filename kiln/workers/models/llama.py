@@ -144,9 +144,10 @@ class LlamaForCausalLM(nn.Module):
     """One pipeline stage's share of the model (all of it when pp=1)."""
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device: torch.device,
-                 max_positions: int, quant: str = "none", group: int = 128) -> None:
-        """`quant` other than none allocates quantized weights (to load an engine file or fill
-        with random values); a dense model is quantized later with `quantize_linears`."""
+                 max_positions: int, quant: str = "none", group: int = 128, lm_head_quant: str = "none") -> None:
+        """`quant` (and `lm_head_quant` for the LM head) other than none allocates quantized
+        weights (to load an engine file or fill with random values); a dense model is quantized
+        later (kiln/workers/quantize.py)."""
         super().__init__()
         if cfg.architecture not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {cfg.architecture!r}; kiln supports "
@@ -160,8 +161,8 @@ class LlamaForCausalLM(nn.Module):
         self.norm = self.lm_head = None
         if ctx.is_last_stage:
             self.norm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype, device=device), requires_grad=False)
-            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ctx, dtype, device)
-            if cfg.tie_word_embeddings and self.embed_tokens is not None:
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ctx, dtype, device, lm_head_quant)
+            if self.lm_head_tied():
                 self.lm_head.weight = self.embed_tokens.weight
         if device.type == "meta":  # a skeleton whose loader brings the table (arange on meta costs
             # a ~3 s first import of torch's reference ops and sympy)
@@ -187,6 +188,11 @@ class LlamaForCausalLM(nn.Module):
             return hidden, None
         return hidden, residual
 
+    def lm_head_tied(self) -> bool:
+        """Whether the LM head is the embedding table itself (tied and not stored quantized)."""
+        return self.cfg.tie_word_embeddings and self.embed_tokens is not None and self.lm_head is not None \
+            and self.lm_head.quant == "none"
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
@@ -199,7 +205,7 @@ class LlamaForCausalLM(nn.Module):
             t["model.embed_tokens.weight"] = self.embed_tokens.load
         if self.lm_head is not None:
             t["model.norm.weight"] = partial(_copy, self.norm)
-            if self.lm_head.weight is not getattr(self.embed_tokens, "weight", None):
+            if not self.lm_head_tied():
                 # Tied weights on a last stage that has no embedding: read the embedding.
                 t["model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"] = \
                     self.lm_head.load
