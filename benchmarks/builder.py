@@ -80,7 +80,13 @@ def spawn(run: str, phase: str, args, env: dict | None = None) -> dict:
            "--workload", *args.workload]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    return json.loads(line[7:]) if line else {"error": f"{phase}: " + (proc.stderr or proc.stdout)[-3000:]}
+    if not line:
+        return {"error": f"{phase}: " + (proc.stderr or proc.stdout)[-3000:]}
+    result = json.loads(line[7:])
+    if phase == "build":  # the builder's stage lines, each with its time: where the build time goes
+        result["build_stages"] = [ln.removeprefix("kiln build: ") for ln in proc.stdout.splitlines()
+                                  if ln.startswith("kiln build: ")]
+    return result
 
 
 def main() -> None:

@@ -81,19 +81,37 @@ class Builder:
 
         On a GPU, a one-rank engine also gets the Triton kernels its loads need, compiled by a
         trial start at the end (kernel_cache): the first load on a fresh machine then finds
-        them instead of compiling for ~15 s. Kernels compiled while calibrating count too."""
-        from kiln.workers import kernel_cache
+        them instead of compiling for ~15 s. Kernels compiled while calibrating count too, and
+        a side process compiles them while the build runs (kernel_warmup)."""
+        from kiln.workers import kernel_cache, kernel_warmup
         from kiln.workers.engine import resolve_device
 
         cfg = self.config
         device = resolve_device(cfg.device)
         os.makedirs(out_dir, exist_ok=True)
+        source = source or resolve_model(cfg.model, cfg.random_weights)
         one_rank = cfg.parallel.tensor_parallel_size * cfg.parallel.pipeline_parallel_size == 1
-        with kernel_cache.recording(out_dir, device) if one_rank else contextlib.nullcontext():
-            meta = self._build(out_dir, source)
-            if device.type == "cuda" and one_rank and self.trial_start:
-                self._trial_start(out_dir, meta)
+        trial = device.type == "cuda" and one_rank and self.trial_start
+        warm = kernel_warmup.start(dataclasses.replace(cfg, quant=self._quant()), source.config) if trial else None
+        try:
+            with kernel_cache.recording(out_dir, device) if one_rank else contextlib.nullcontext():
+                meta = self._build(out_dir, source)
+                if trial:
+                    t = time.perf_counter()
+                    ok = kernel_warmup.finish(warm)  # its engine's memory is free before the trial start's
+                    if self.verbose:
+                        print(f"kiln build: kernel warm-up process {'done' if ok else 'failed'} "
+                              f"(waited {time.perf_counter() - t:.1f}s)", flush=True)
+                    self._trial_start(out_dir, meta)
+        finally:
+            if warm is not None and warm.poll() is None:
+                warm.kill()
+                warm.wait()
         return meta
+
+    def _quant(self) -> QuantConfig:
+        """The build's quantization settings as the engine records them (auto resolved)."""
+        return dataclasses.replace(self.config.quant, lm_head=self.config.quant.lm_head_quant())
 
     def _trial_start(self, out_dir: str, meta: dict) -> None:
         """Start an engine of the built layout (random values: kernels depend on shapes and
@@ -120,10 +138,9 @@ class Builder:
         from kiln.workers.quantize import calibration_tokens, quantize_model
 
         cfg = self.config
-        q = dataclasses.replace(cfg.quant, lm_head=cfg.quant.lm_head_quant())  # the engine says what it holds
+        q = self._quant()
         t0 = time.perf_counter()
         progress = _Progress(self.verbose)
-        source = source or resolve_model(cfg.model, cfg.random_weights)
         mc = source.config
         tp, pp = cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size
         validate_layout(mc, tp, pp)

@@ -81,9 +81,12 @@ def apply_awq(layer, stats: InputStats, group: int) -> None:
     mlp.gate_up_proj.weight[off:off + size].div_(s.to(mlp.gate_up_proj.weight.dtype)[:, None])
 
 
-def pick_group(model, requested: int) -> int:
+def input_widths(model) -> list[int]:
+    return [m.weight.shape[1] if m.quant == "none" else m.qweight.shape[1] * 8 for _, m in model.linears()]
+
+
+def pick_group(widths: list[int], requested: int) -> int:
     """The largest group size (<= requested) that divides every quantized layer's input width."""
-    widths = [m.weight.shape[1] if m.quant == "none" else m.qweight.shape[1] * 8 for _, m in model.linears()]
     for g in (requested, 64, 32):
         if g <= requested and all(k % g == 0 for k in widths):
             return g
@@ -159,7 +162,7 @@ def quantize_model(model, mode: str, kv_fp8: bool, group: int, tokens: list[int]
     if mode == "fp8":
         qk.check_fp8_supported(device)
     if mode == "int4-awq":
-        group = pick_group(model, group)
+        group = pick_group(input_widths(model), group)
     if lm_head != "none" and model.lm_head is not None:
         model.lm_head.quantize_(lm_head)
     if mode == "none" and not kv_fp8:
