@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels import backend
+from kiln.kernels.pdl_triton import pdl_wait
 from kiln.kernels.quant import FP8, Fp8Activation
 from kiln.kernels.quant_triton import fp8_codes, fp8_scale
 
@@ -25,7 +27,9 @@ def _swiglu(row_ptr, cols, mask, n_cols):
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, x_stride, out_stride, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, x_stride, out_stride, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr = False):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -33,7 +37,9 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, x_stride, out_stride, BLOCK: tl
 
 
 @triton.jit
-def _silu_and_mul_fp8_kernel(x_ptr, out_ptr, scale_ptr, n_cols, x_stride, out_stride, BLOCK: tl.constexpr):
+def _silu_and_mul_fp8_kernel(x_ptr, out_ptr, scale_ptr, n_cols, x_stride, out_stride, BLOCK: tl.constexpr,
+                             PDL: tl.constexpr = False):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     amax = tl.zeros([BLOCK], dtype=tl.float32)
     for c0 in range(0, n_cols, BLOCK):
@@ -57,9 +63,10 @@ def silu_and_mul(x: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Activa
         assert x.stride(-1) == 1
         if fp8:
             _silu_and_mul_fp8_kernel[(rows,)](x, out, scale, width, x.stride(0), out.stride(0), BLOCK=2048,
-                                              num_warps=8)
+                                              num_warps=8, **backend.pdl_launch(x))
         else:
             block = min(triton.next_power_of_2(width), 2048)
             _silu_and_mul_kernel[(rows, triton.cdiv(width, block))](x, out, width, x.stride(0), out.stride(0),
-                                                                     BLOCK=block, num_warps=4)
+                                                                     BLOCK=block, num_warps=4,
+                                                                     **backend.pdl_launch(x))
     return Fp8Activation(out, scale, x.dtype) if fp8 else out

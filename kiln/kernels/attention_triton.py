@@ -21,7 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels import backend
 from kiln.kernels.attention import AttentionMetadata
+from kiln.kernels.pdl_triton import pdl_wait
 
 _LOG2E = 1.4426950408889634
 # Tile shape of the prefill kernel on GPUs (chosen on the H100 with benchmarks/kernels.py --sweep);
@@ -41,10 +43,11 @@ def _num_sms(device_index: int) -> int:
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
                    q_stride, bt_stride, tok_stride, block_stride, out_stride, num_splits, scale_log2, out_scale,
                    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PAGE: tl.constexpr, DIRECT: tl.constexpr, F16: tl.constexpr = False):
+                   PAGE: tl.constexpr, DIRECT: tl.constexpr, F16: tl.constexpr = False, PDL: tl.constexpr = False):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
+    pdl_wait(PDL)
     seq_len = tl.load(lens_ptr + b)
     per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = s * per_split
@@ -91,7 +94,8 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, out_ptr, mid_o_ptr, 
 
 @triton.jit
 def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, out_stride, num_splits,
-                          D: tl.constexpr, BLOCK_S: tl.constexpr):
+                          D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_wait(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     hq = tl.num_programs(1)
@@ -209,7 +213,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     # num_warps / num_stages from a sweep on the H100 (B=256, 192-1024 keys); with an FP8 cache the
     # dots run in fp16, since e4m3 widens to fp16 in one instruction and to bf16 in several.
     common = dict(G=G, BLOCK_G=block_g, D=D, BLOCK_N=64, PAGE=page, num_warps=2, num_stages=4,
-                  F16=k_cache.element_size() == 1)
+                  F16=k_cache.element_size() == 1, **backend.pdl_launch(q))
     args = (q.stride(0), block_tables.stride(0), k_cache.stride(1), k_cache.stride(0), out.stride(0))
     if splits == 1:
         _decode_kernel[(B, HKV, 1)](q, k_cache, v_cache, block_tables, seq_lens, out, out, out, *args, 1,
@@ -220,7 +224,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     _decode_kernel[(B, HKV, splits)](q, k_cache, v_cache, block_tables, seq_lens, out, mid_o, mid_lse, *args,
                                      splits, scale * k_scale * _LOG2E, v_scale, DIRECT=False, **common)
     _decode_reduce_kernel[(B, HQ)](mid_o, mid_lse, out, out.stride(0), splits, D=D,
-                                   BLOCK_S=triton.next_power_of_2(splits), num_warps=4)
+                                   BLOCK_S=triton.next_power_of_2(splits), num_warps=4, **backend.pdl_launch(q))
 
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

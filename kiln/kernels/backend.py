@@ -7,6 +7,7 @@ interpreter (TRITON_INTERPRET=1) and is how CI checks that both paths agree.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -47,3 +48,31 @@ def use_triton(t: torch.Tensor) -> bool:
     if _backend == "triton":
         return True
     return t.is_cuda
+
+
+# Programmatic dependent launch (Hopper and newer): a kernel launched with it may start while
+# the previous kernel in the stream finishes, and waits (griddepcontrol.wait) only where it
+# first needs that kernel's results. Decode at batch 1 is ~350 small kernels per token whose
+# launch gaps and ramp-ups add up; a GEMV can fetch its first weights during the previous
+# kernel's tail. KILN_PDL=0 turns it off.
+_PDL = os.environ.get("KILN_PDL", "1") != "0"
+
+
+def set_pdl(on: bool) -> bool:
+    """Turn programmatic dependent launch on or off for later launches; returns the old setting."""
+    global _PDL
+    old, _PDL = _PDL, on
+    return old
+
+
+@functools.lru_cache(maxsize=8)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def pdl_launch(t: torch.Tensor) -> dict:
+    """Launch keywords for a kernel that takes `PDL: tl.constexpr` (see kernels_triton.pdl_wait):
+    empty where programmatic dependent launch is off or unsupported (CPU, the interpreter, pre-Hopper)."""
+    if not (_PDL and t.is_cuda and _capability(t.device.index or 0)[0] >= 9):
+        return {}
+    return {"PDL": True, "launch_pdl": True}

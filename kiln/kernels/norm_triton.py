@@ -10,16 +10,19 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels import backend
+from kiln.kernels.pdl_triton import pdl_wait
 from kiln.kernels.quant import FP8, Fp8Activation
 from kiln.kernels.quant_triton import fp8_codes, fp8_scale
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, scale_ptr, n_cols, x_stride, res_stride, out_stride, eps,
-                     HAS_RESIDUAL: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    pdl_wait(PDL)
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         # The residual stream is updated in place; its rounding matches the reference's add_.
@@ -50,7 +53,8 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         warps = min(max(block // 256, 1), 16)
         _rms_norm_kernel[(n_rows,)](x, residual if residual is not None else x, weight, out, scale, n_cols,
                                     x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
-                                    eps, HAS_RESIDUAL=residual is not None, QUANT=fp8, BLOCK=block, num_warps=warps)
+                                    eps, HAS_RESIDUAL=residual is not None, QUANT=fp8, BLOCK=block, num_warps=warps,
+                                    **backend.pdl_launch(x))
     return Fp8Activation(out, scale, x.dtype) if fp8 else out
 
 

@@ -8,9 +8,9 @@ within a group (nibble j of word i is k = j * group/8 + i, kiln/kernels/quant.py
 so each nibble plane meets a contiguous run of x; a thread holds a few rows of
 the same words, so x is loaded and widened once for all of them. A nibble
 becomes a float by masking it into the mantissa of 1.0f (no int->float
-convert), two nibbles per shift. ~4 instructions per weight; ~54% of the copy
-ceiling at Llama-8B shapes on the H100, where the few warps per SM that the
-small matrices give cannot cover memory latency and issue together.
+convert), two nibbles per shift. ~4.6 instructions per weight; about half of
+the copy ceiling at Llama-8B shapes, where the few warps per SM that the small
+matrices give cannot cover memory latency and issue together.
 
 Larger batches: a tensor-core kernel widens the codes (8-bit, or int4
 unpacked and scaled per group) in registers, K split over programs when
@@ -24,6 +24,9 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
+from kiln.kernels import backend
+from kiln.kernels.pdl_triton import pdl_wait
 
 
 @triton.jit
@@ -82,7 +85,8 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, x_stride, w_stride, out_stride, M: tl.constexpr,
-                 FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PDL: tl.constexpr = False):
     """A few rows of x against [BLOCK_N, K] of 8-bit W: the weight tile is read once,
     K-contiguous (vector loads), and reduced per tile to keep registers few; no tensor cores,
     no split-K buffer."""
@@ -93,6 +97,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, x_stride, w_stride, out_str
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * w_stride
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    pdl_wait(PDL)
     for k0 in range(0, K, BLOCK_K):
         q = tl.load(w_rows + (k0 + offs_k)[None, :], mask=mask_n[:, None], other=0)
         if FP8:
@@ -146,11 +151,11 @@ def _int4_tile_dot(packed, x_ptr, k0, xw, magic_even, magic_odd, WG: tl.constexp
 
 @triton.jit
 def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, w_stride, s_stride, magic_even, magic_odd,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr = False):
     """One row of x against [BLOCK_N, K] of plane-major int4 W. The tile [BLOCK_N, W words] is
     laid out with every thread holding all BLOCK_N rows of its words, so each x run is loaded
     and widened once per thread; the next tile's words load before this tile's math.
-    With w = q s + min per group: x . w = s (t - sum x') + min sum x."""
+    With w = q s + min per group: x . w = s (t - 256 sum_even - 16 sum_odd) + min sum x."""
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -163,7 +168,8 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, w_stride, s_str
     xw = (words // WG) * GROUP + words % WG  # x offset of plane 0 of each word
     acc = tl.zeros([BLOCK_N, G, WG], dtype=tl.float32)
     KW = K // 8
-    packed = tl.load(w_rows, mask=mask_n[:, None], other=0)
+    packed = tl.load(w_rows, mask=mask_n[:, None], other=0)  # weights: no need to wait for x
+    pdl_wait(PDL)
     for kw in range(0, KW, W):
         nxt = tl.load(w_rows + (kw + W), mask=mask_n[:, None] & (kw + W + words[None, :] < KW), other=0)
         t, x_even, x_odd = _int4_tile_dot(packed, x_ptr, kw * 8, xw, magic_even, magic_odd, WG)
@@ -279,14 +285,15 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
             raise ValueError(f"the int4 GEMV takes one row of x, got {M}")
         block_k = _int4_block_k(block_k, K, group)
         _int4_gemv_kernel[grid](x, w, scales, mins, out, N, K, w.stride(0), scales.stride(0), 0x43800000, 0x41800000,
-                                BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group, num_warps=warps, num_stages=stages)
+                                BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group, num_warps=warps, num_stages=stages,
+                                **backend.pdl_launch(x))
         return out
     block_k = min(block_k, K)
     if K % block_k:
         raise ValueError(f"K={K} must be a multiple of {block_k}")
     _gemv_kernel[grid](x, w, scales, out, N, K, x.stride(0), w.stride(0), out.stride(0), M=M,
                        FP8=w.dtype == torch.uint8, BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n,
-                       BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+                       BLOCK_K=block_k, num_warps=warps, num_stages=stages, **backend.pdl_launch(x))
     return out
 
 

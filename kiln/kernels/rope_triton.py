@@ -10,13 +10,17 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels import backend
+from kiln.kernels.pdl_triton import pdl_wait
+
 
 @triton.jit
 def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr,
                        q_stride, k_stride, v_stride, cs_stride, cache_slot_stride, inv_k_scale, inv_v_scale,
                        KV_FP8: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
-                       BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr):
+                       BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, PDL: tl.constexpr = False):
     t = tl.program_id(0).to(tl.int64)
+    pdl_wait(PDL)
     pos = tl.load(pos_ptr + t)
     d = tl.arange(0, HALF)
     cos = tl.load(cs_ptr + pos * cs_stride + d)[None, :]
@@ -72,4 +76,4 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
     _rope_cache_kernel[(T,)](q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping,
                              q.stride(0), k.stride(0), v.stride(0), cos_sin.stride(0), HKV * D,
                              1.0 / k_scale, 1.0 / v_scale, KV_FP8=k_cache.dtype == torch.float8_e4m3fn, HQ=HQ, HKV=HKV, HALF=D // 2, BLOCK_HQ=triton.next_power_of_2(HQ),
-                             BLOCK_HKV=triton.next_power_of_2(HKV), num_warps=4)
+                             BLOCK_HKV=triton.next_power_of_2(HKV), num_warps=4, **backend.pdl_launch(q))

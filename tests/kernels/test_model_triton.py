@@ -60,3 +60,53 @@ def test_gpu_kernels_and_cuda_graphs_match_reference(tmp_path):
                 top = ref.logprobs[i]
                 assert b in top and abs(top[a].logprob - top[b].logprob) < 0.05, (i, a, b, top)
                 break
+
+
+@pytest.mark.gpu
+def test_programmatic_dependent_launch_changes_nothing(tmp_path):
+    """Kernels launched with PDL (each waits for its predecessor's results) compute exactly what
+    they compute without it: a tiny model's decode through CUDA graphs, and a chain of int4
+    GEMVs and norms replayed from a graph."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kiln import LLM
+    from kiln.kernels import quant, quant_triton
+    from kiln.kernels.norm import rms_norm
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=8,
+                      num_key_value_heads=2, vocab_size=1000, max_position_embeddings=2048)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    prompts = [[1, 2, 3], list(range(5, 300))]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=3)
+    w = [quant.quantize_int4(torch.randn(4096, 4096, device="cuda") * 0.02, 128) for _ in range(4)]
+    norm_w = torch.rand(4096, device="cuda", dtype=torch.bfloat16) + 0.5
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def chain():
+        h = x
+        for p, s, z in w:
+            h = rms_norm(quant_triton.gemv(h, p, s, z, 4, 128), norm_w, 1e-5)
+        return h
+
+    outs = {}
+    for on in (False, True):
+        old = backend.set_pdl(on)
+        try:
+            llm = LLM(str(tmp_path), kv_cache_bytes=1 << 28, max_num_batched_tokens=256)
+            res = llm.generate(prompts, params)
+            outs[on] = [([o.outputs[0].token_ids], [{k: v.logprob for k, v in lp.items()} for lp in o.outputs[0].logprobs])
+                        for o in res]
+            del llm
+            chain()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = chain()
+            g.replay()
+            torch.cuda.synchronize()
+            outs[on].append(out.clone())
+        finally:
+            backend.set_pdl(old)
+    assert outs[True][:-1] == outs[False][:-1]
+    assert torch.equal(outs[True][-1], outs[False][-1])
