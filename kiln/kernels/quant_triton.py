@@ -118,70 +118,80 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, x_stride, w_stride, out_str
 
 
 @triton.jit
-def _int4_tile_dot(packed, x_ptr, k0, xw, magic_even, magic_odd, WG: tl.constexpr):
-    """For one tile of packed words [rows, W]: t = sum_j f_j x_j per (row, word), with
-    f = 256 + q (even planes) or 16 + q (odd planes); also per word the sums of x over the
-    even and over the odd planes, so that sum q x = t - 256 sum_even - 16 sum_odd."""
-    t = tl.zeros(packed.shape, dtype=tl.float32)
-    x_even = tl.zeros(xw.shape, dtype=tl.float32)
-    x_odd = tl.zeros(xw.shape, dtype=tl.float32)
-    for j in tl.static_range(8):
-        xj = tl.load(x_ptr + k0 + j * WG + xw).to(tl.float32)  # plane j: a contiguous run of x
-        # Nibbles 2i and 2i+1 share one shift and land on mantissa bits 15 and 19. ORed into
-        # 256.0f and 16.0f they read 256 + q and 16 + q exactly: no int->float convert and no
-        # scaling of x, and 256 x + q x in fp32 keeps q x to ~2^-16 of x. The magics are
-        # arguments, so they sit in registers and mask-and-or is one LOP3 (one immediate each).
-        if j // 2 == 0:
-            src = packed << 15
-        elif j // 2 == 1:
-            src = packed << 7
-        elif j // 2 == 2:
-            src = packed >> 1
-        else:
-            src = packed >> 9
-        if j % 2 == 0:
-            bits = (src & 0x78000) | magic_even
-            x_even += xj
-        else:
-            bits = (src & 0x780000) | magic_odd
-            x_odd += xj
-        t += bits.to(tl.float32, bitcast=True) * xj[None, :]
-    return t, x_even, x_odd
+def _int4_plane_bits(word, j: tl.constexpr, magic_even, magic_odd):
+    """Nibble j of each word as the fp32 256 + q (even j) or 16 + q (odd j). Nibbles 2i and
+    2i+1 sit on mantissa bits 15 and 19 after the same shift (the compiler shares it); ORed
+    into 256.0f or 16.0f they read exactly 256 + q or 16 + q: no int->float convert, and
+    256 x + q x in fp32 keeps q x to ~2^-16 of x. The magics are arguments, so they sit in
+    registers and mask-and-or is one LOP3 (one immediate each)."""
+    if j // 2 == 0:
+        src = word << 15
+    elif j // 2 == 1:
+        src = word << 7
+    elif j // 2 == 2:
+        src = word >> 1
+    else:
+        src = word >> 9
+    if j % 2 == 0:
+        bits = (src & 0x78000) | magic_even
+    else:
+        bits = (src & 0x780000) | magic_odd
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quarters(v):
+    """[..., 4] -> its four [...] slices (the last axis lies within a thread: no data moves)."""
+    a, b = tl.split(tl.reshape(v, v.shape[:-1] + (2, 2)))
+    return tl.split(a) + tl.split(b)
 
 
 @triton.jit
 def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, w_stride, s_stride, magic_even, magic_odd,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr = False):
-    """One row of x against [BLOCK_N, K] of plane-major int4 W. The tile [BLOCK_N, W words] is
-    laid out with every thread holding all BLOCK_N rows of its words, so each x run is loaded
-    and widened once per thread; the next tile's words load before this tile's math.
-    With w = q s + min per group: x . w = s (t - 256 sum_even - 16 sum_odd) + min sum x."""
+    """One row of x against [BLOCK_N, K] of plane-major int4 W. Each thread holds all BLOCK_N
+    rows of a chunk of 4 consecutive words (one 16-byte load per row, inside one group), so x
+    is loaded and widened once for all rows, and the chunk's 32 products per row go into one
+    sum before its group's scale applies; the next tile's words load before this tile's math.
+    With w = q s + min per group: x . w = s (t - 256 sum_even - 16 sum_odd) + min sum x,
+    where t = sum (256 + q) x_j over even planes + (16 + q) x_j over odd ones."""
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    W: tl.constexpr = BLOCK_K // 8
+    C: tl.constexpr = BLOCK_K // 32  # chunks of 4 words per tile
     WG: tl.constexpr = GROUP // 8
-    G: tl.constexpr = BLOCK_K // GROUP
+    W: tl.constexpr = BLOCK_K // 8
+    chunks = tl.arange(0, C)
     words = tl.arange(0, W)
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * w_stride + words[None, :]
-    s_rows = offs_n[:, None].to(tl.int64) * s_stride
     xw = (words // WG) * GROUP + words % WG  # x offset of plane 0 of each word
-    acc = tl.zeros([BLOCK_N, G, WG], dtype=tl.float32)
+    g_chunk = (chunks * 4) // WG  # group of each chunk within the tile
+    s_rows = offs_n[:, None].to(tl.int64) * s_stride + g_chunk[None, :]
+    acc = tl.zeros([BLOCK_N, C], dtype=tl.float32)
     KW = K // 8
     packed = tl.load(w_rows, mask=mask_n[:, None], other=0)  # weights: no need to wait for x
     pdl_wait(PDL)
     for kw in range(0, KW, W):
         nxt = tl.load(w_rows + (kw + W), mask=mask_n[:, None] & (kw + W + words[None, :] < KW), other=0)
-        t, x_even, x_odd = _int4_tile_dot(packed, x_ptr, kw * 8, xw, magic_even, magic_odd, WG)
-        xps = 256.0 * x_even + 16.0 * x_odd
-        xs = x_even + x_odd
-        g = (kw // WG + tl.arange(0, G))[None, :]
-        scale = tl.load(s_ptr + s_rows + g, mask=mask_n[:, None], other=0.0).to(tl.float32)
-        mn = tl.load(z_ptr + s_rows + g, mask=mask_n[:, None], other=0.0).to(tl.float32)
-        acc += scale[:, :, None] * (tl.reshape(t, (BLOCK_N, G, WG)) - tl.reshape(xps, (G, WG))[None, :, :]) + \
-            mn[:, :, None] * tl.reshape(xs, (G, WG))[None, :, :]
+        p0, p1, p2, p3 = _quarters(tl.reshape(packed, (BLOCK_N, C, 4)))
+        t = tl.zeros([BLOCK_N, C], dtype=tl.float32)
+        x_even = tl.zeros([C], dtype=tl.float32)
+        x_odd = tl.zeros([C], dtype=tl.float32)
+        for j in tl.static_range(8):
+            x0, x1, x2, x3 = _quarters(tl.reshape(tl.load(x_ptr + kw * 8 + j * WG + xw).to(tl.float32), (C, 4)))
+            if j % 2 == 0:
+                x_even += (x0 + x1) + (x2 + x3)
+            else:
+                x_odd += (x0 + x1) + (x2 + x3)
+            t += _int4_plane_bits(p0, j, magic_even, magic_odd) * x0[None, :]
+            t += _int4_plane_bits(p1, j, magic_even, magic_odd) * x1[None, :]
+            t += _int4_plane_bits(p2, j, magic_even, magic_odd) * x2[None, :]
+            t += _int4_plane_bits(p3, j, magic_even, magic_odd) * x3[None, :]
+        scale = tl.load(s_ptr + s_rows + kw // WG, mask=mask_n[:, None], other=0.0).to(tl.float32)
+        mn = tl.load(z_ptr + s_rows + kw // WG, mask=mask_n[:, None], other=0.0).to(tl.float32)
+        acc += scale * (t - (256.0 * x_even + 16.0 * x_odd)[None, :]) + mn * (x_even + x_odd)[None, :]
         packed = nxt
-    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    out = tl.sum(acc, axis=1)
     tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 

@@ -237,10 +237,13 @@ def test_weight_only_gemm(m, n, k, dtype):
     f8, fs = quant.quantize_fp8(w)
     ref_f8 = F.linear(x.float(), f8.float() * fs[:, None])
     assert rel_err(quant_triton.woq_linear(x, f8, fs, None, bits=8), ref_f8) < TOL[dtype]
+    # The int4 GEMV sums (256 + q) x and subtracts 256 sum x after (no int->float converts):
+    # fp32 keeps q x to ~2^-16 of x, about 1e-5 relative over a 32-product chunk.
+    tol4 = max(TOL[dtype], 5e-5)
     for group in (128, 64, 32):
         p, sc, mn = quant.quantize_int4(w, group)
         ref4 = quant.int4_linear_ref(x.float(), p, sc, mn, None)
-        assert rel_err(quant_triton.woq_linear(x, p, sc, mn, bits=4, group=group), ref4) < TOL[dtype]
+        assert rel_err(quant_triton.woq_linear(x, p, sc, mn, bits=4, group=group), ref4) < tol4
 
 
 @pytest.mark.parametrize("m", [1, 2, 7])
