@@ -134,7 +134,7 @@ def main() -> None:
         row = {"bf16_ms": layer_ms(ws, M, "bf16")}
         paths = ["int4-tc", "fp8-tc", "fp8-scaled-mm", "int4-dequant"]
         if M <= 4:
-            paths = (["int4-gemv"] if M == 1 else []) + ["fp8-gemv"] + paths
+            paths = (["int4-gemv"] if M <= quant_triton.INT4_GEMV_MAX_M else []) + ["fp8-gemv"] + paths
         for p in paths:
             try:
                 row[p + "_ms"] = layer_ms(ws, M, p, check=True)

@@ -185,6 +185,19 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, min
     return int4_linear_ref(x, packed, scales, mins, bias)
 
 
+def int4_swiglu(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                up_offset: int) -> torch.Tensor | None:
+    """silu(gate) * up for an int4 [gate | up] weight (up from row `up_offset`) in the GEMV's own
+    epilogue, saving the SwiGLU kernel where the GEMV runs (a few rows of x, Triton); else None."""
+    if not backend.use_triton(x):
+        return None
+    from kiln.kernels import quant_triton
+    if x.shape[0] > quant_triton.INT4_GEMV_MAX_M:
+        return None
+    return quant_triton.gemv(x.contiguous(), packed, scales, mins, 4, packed.shape[1] * 8 // scales.shape[1],
+                             up_offset=up_offset)
+
+
 # -- the FP8 KV cache ----------------------------------------------------------------
 
 def to_kv_cache(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:

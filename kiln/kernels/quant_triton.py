@@ -147,17 +147,31 @@ def _quarters(v):
 
 
 @triton.jit
-def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, w_stride, s_stride, magic_even, magic_odd,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr = False):
+def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_stride, s_stride, out_stride,
+                      magic_even, magic_odd, up_offset, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+                      SWIGLU: tl.constexpr = False, PDL: tl.constexpr = False):
     """One row of x against [BLOCK_N, K] of plane-major int4 W. Each thread holds all BLOCK_N
     rows of a chunk of 4 consecutive words (one 16-byte load per row, inside one group), so x
     is loaded and widened once for all rows, and the chunk's 32 products per row go into one
     sum before its group's scale applies; the next tile's words load before this tile's math.
     With w = q s + min per group: x . w = s (t - 256 sum_even - 16 sum_odd) + min sum x,
-    where t = sum (256 + q) x_j over even planes + (16 + q) x_j over odd ones."""
-    pid_n = tl.program_id(0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    where t = sum (256 + q) x_j over even planes + (16 + q) x_j over odd ones.
+    SWIGLU: W is [gate | up] (up from row `up_offset`), the program's rows are gate and up rows
+    of the same BLOCK_N/2 outputs, interleaved, and it writes silu(gate) * up (N outputs).
+    A few rows of x: one program per (row, tile), the rows of a tile next to each other in the
+    grid, so all but the first read the tile from L2."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    x_ptr += pid_m * x_stride
+    out_ptr += pid_m * out_stride
+    if SWIGLU:
+        r = tl.arange(0, BLOCK_N)
+        out_n = pid_n * (BLOCK_N // 2) + r // 2
+        offs_n = out_n + (r % 2) * up_offset
+        mask_n = out_n < N
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
     C: tl.constexpr = BLOCK_K // 32  # chunks of 4 words per tile
     WG: tl.constexpr = GROUP // 8
     W: tl.constexpr = BLOCK_K // 8
@@ -192,7 +206,14 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, w_stride, s_str
         acc += scale * (t - (256.0 * x_even + 16.0 * x_odd)[None, :]) + mn * (x_even + x_odd)[None, :]
         packed = nxt
     out = tl.sum(acc, axis=1)
-    tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+    if SWIGLU:  # rounded as the unfused path: the product in x's dtype, silu of the rounded gate
+        gate, up = tl.split(tl.reshape(out.to(out_ptr.dtype.element_ty), (BLOCK_N // 2, 2)))
+        gate = gate.to(tl.float32)
+        y = (gate * tl.sigmoid(gate)).to(up.dtype) * up
+        o = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(out_ptr + o, y, mask=o < N)
+    else:
+        tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
@@ -252,6 +273,8 @@ def _num_sms(index: int) -> int:
 # and (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV: benchmarks/quant_gemm.py on the H100.
 # int4: BLOCK_K = 1024 * num_warps gives each thread 4 words (one 16-byte load) of every row.
 GEMV_MAX_M = 1
+# int4: one program per row of x and weight tile, reading the tile from L2 for all rows but one.
+INT4_GEMV_MAX_M = 3
 GEMV_TILES = {4: (4, 2048, 2, 1), 8: (4, 1024, 2, 2)}
 # Past this many rows int4 is dequantized once to a scratch and cuBLAS does the compute-bound rest.
 INT4_TC_MAX_M = 64
@@ -281,23 +304,30 @@ def _int4_block_k(block_k: int, K: int, group: int) -> int:
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int,
-         group: int, tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """The register GEMV for one row of x (a few for 8-bit); `tiles` overrides GEMV_TILES (for sweeps)."""
+         group: int, tiles: tuple[int, int, int, int] | None = None, up_offset: int | None = None) -> torch.Tensor:
+    """The register GEMV for one row of x (a few for 8-bit); `tiles` overrides GEMV_TILES (for sweeps).
+    int4 with `up_offset`: W is [gate | up] with up from that row, and the result is
+    silu(gate) * up ([1, up_offset]), as activation.silu_and_mul of the plain product."""
     M, K = x.shape
     N = w.shape[0]
     if w.dtype == torch.float8_e4m3fn:
         w = w.view(torch.uint8)  # the kernel widens e4m3 bytes itself
     block_n, block_k, warps, stages = tiles or (GEMV_TILES[bits] if x.is_cuda else (8, 256, 1, 1))
+    if bits == 4:
+        if M > INT4_GEMV_MAX_M:
+            raise ValueError(f"the int4 GEMV takes up to {INT4_GEMV_MAX_M} rows of x, got {M}")
+        block_k = _int4_block_k(block_k, K, group)
+        n_out = N if up_offset is None else up_offset
+        out = torch.empty(M, n_out, dtype=x.dtype, device=x.device)
+        per_program = block_n if up_offset is None else block_n // 2
+        _int4_gemv_kernel[(M, triton.cdiv(n_out, per_program))](
+            x, w, scales, mins, out, n_out, K, x.stride(0), w.stride(0), scales.stride(0), out.stride(0),
+            0x43800000, 0x41800000,
+            up_offset or 0, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group, SWIGLU=up_offset is not None,
+            num_warps=warps, num_stages=stages, **backend.pdl_launch(x))
+        return out
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(N, block_n),)
-    if bits == 4:
-        if M != 1:
-            raise ValueError(f"the int4 GEMV takes one row of x, got {M}")
-        block_k = _int4_block_k(block_k, K, group)
-        _int4_gemv_kernel[grid](x, w, scales, mins, out, N, K, w.stride(0), scales.stride(0), 0x43800000, 0x41800000,
-                                BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group, num_warps=warps, num_stages=stages,
-                                **backend.pdl_launch(x))
-        return out
     block_k = min(block_k, K)
     if K % block_k:
         raise ValueError(f"K={K} must be a multiple of {block_k}")
@@ -346,7 +376,7 @@ def woq_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: tor
         _check_int4_group(group)
         if M > INT4_TC_MAX_M:
             return torch.nn.functional.linear(x, dequantize_int4(w, scales, mins, x.dtype, group))
-    if M <= GEMV_MAX_M:
+    if M <= (INT4_GEMV_MAX_M if bits == 4 else GEMV_MAX_M):
         return gemv(x, w, scales, mins, bits, group)
     return tensor_core_linear(x, w, scales, mins, bits, group)
 

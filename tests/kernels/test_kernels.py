@@ -388,3 +388,21 @@ def test_rope_writes_fp8_cache():
     flat_k, flat_v = kc.view(-1, hkv, d)[slots].float(), vc.view(-1, hkv, d)[slots].float()
     assert rel_err(flat_k, to_kv_cache(k, torch.float8_e4m3fn, 0.05).float()) < 1e-2
     assert rel_err(flat_v, to_kv_cache(v, torch.float8_e4m3fn, 0.03).float()) < 1e-2
+
+
+@pytest.mark.parametrize("m, n, k, dtype", [(1, 40, 256, torch.float32), (3, 24, 576, torch.float32),
+                                            pytest.param(1, 14336, 4096, torch.bfloat16, marks=pytest.mark.gpu),
+                                            pytest.param(2, 14336, 4096, torch.bfloat16, marks=pytest.mark.gpu)])
+def test_int4_gemv_swiglu_matches_unfused(m, n, k, dtype):
+    """The GEMV's SwiGLU epilogue gives silu_and_mul of the plain product (rounded the same way)."""
+    from kiln.kernels import quant, quant_triton
+    from kiln.kernels.activation import silu_and_mul
+
+    x = torch.randn(m, k, dtype=dtype, device=DEV)
+    w = torch.randn(2 * n, k, device=DEV) * 0.05
+    group = 64 if k % 128 else 128
+    p, sc, mn = quant.quantize_int4(w, group)
+    plain = quant_triton.gemv(x, p, sc, mn, 4, group)
+    fused = quant_triton.gemv(x, p, sc, mn, 4, group, up_offset=n)
+    assert fused.shape == (m, n)
+    assert rel_err(fused, silu_and_mul(plain)) < TOL[dtype]

@@ -140,6 +140,13 @@ class MergedColumnLinear(_Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)
 
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up computed by the GEMV itself where a kernel does that (int4, a few rows);
+        else None, and the caller runs the product and the activation apart."""
+        if self.quant != "int4-awq" or self.bias is not None or set(self.parts) != {"gate", "up"}:
+            return None
+        return quant_kernels.int4_swiglu(x, self.qweight, self.scales, self.mins, self.parts["up"][0])
+
 
 class RowParallelLinear(_Linear):
     """Input features split over ranks; partial outputs are summed by all-reduce."""
