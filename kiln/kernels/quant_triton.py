@@ -147,6 +147,29 @@ def _quarters(v):
 
 
 @triton.jit
+def _int4_tile(acc, packed, x_ptr, kw, xw, s_ptr, z_ptr, s_rows, mask_n, magic_even, magic_odd,
+               BLOCK_N: tl.constexpr, C: tl.constexpr, WG: tl.constexpr):
+    """acc [BLOCK_N, C] plus one tile of packed words [BLOCK_N, 4 C] (from word kw) against x."""
+    p0, p1, p2, p3 = _quarters(tl.reshape(packed, (BLOCK_N, C, 4)))
+    t = tl.zeros([BLOCK_N, C], dtype=tl.float32)
+    x_even = tl.zeros([C], dtype=tl.float32)
+    x_odd = tl.zeros([C], dtype=tl.float32)
+    for j in tl.static_range(8):
+        x0, x1, x2, x3 = _quarters(tl.reshape(tl.load(x_ptr + kw * 8 + j * WG + xw).to(tl.float32), (C, 4)))
+        if j % 2 == 0:
+            x_even += (x0 + x1) + (x2 + x3)
+        else:
+            x_odd += (x0 + x1) + (x2 + x3)
+        t += _int4_plane_bits(p0, j, magic_even, magic_odd) * x0[None, :]
+        t += _int4_plane_bits(p1, j, magic_even, magic_odd) * x1[None, :]
+        t += _int4_plane_bits(p2, j, magic_even, magic_odd) * x2[None, :]
+        t += _int4_plane_bits(p3, j, magic_even, magic_odd) * x3[None, :]
+    scale = tl.load(s_ptr + s_rows + kw // WG, mask=mask_n[:, None], other=0.0).to(tl.float32)
+    mn = tl.load(z_ptr + s_rows + kw // WG, mask=mask_n[:, None], other=0.0).to(tl.float32)
+    return acc + scale * (t - (256.0 * x_even + 16.0 * x_odd)[None, :]) + mn * (x_even + x_odd)[None, :]
+
+
+@triton.jit
 def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_stride, s_stride, out_stride,
                       magic_even, magic_odd, up_offset, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
                       SWIGLU: tl.constexpr = False, PDL: tl.constexpr = False):
@@ -183,28 +206,18 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_str
     s_rows = offs_n[:, None].to(tl.int64) * s_stride + g_chunk[None, :]
     acc = tl.zeros([BLOCK_N, C], dtype=tl.float32)
     KW = K // 8
-    packed = tl.load(w_rows, mask=mask_n[:, None], other=0)  # weights: no need to wait for x
+    # Tiles in pairs, each loading the tile after it into registers that are free by then (the
+    # other of the pair), so no tile is copied between registers. K is a whole number of tiles.
+    zero = tl.zeros([BLOCK_N, W], dtype=tl.int32)  # a whole-tile (scalar) condition keeps 16-byte loads
+    a = tl.load(w_rows, mask=mask_n[:, None], other=0)  # weights: no need to wait for x
     pdl_wait(PDL)
-    for kw in range(0, KW, W):
-        nxt = tl.load(w_rows + (kw + W), mask=mask_n[:, None] & (kw + W + words[None, :] < KW), other=0)
-        p0, p1, p2, p3 = _quarters(tl.reshape(packed, (BLOCK_N, C, 4)))
-        t = tl.zeros([BLOCK_N, C], dtype=tl.float32)
-        x_even = tl.zeros([C], dtype=tl.float32)
-        x_odd = tl.zeros([C], dtype=tl.float32)
-        for j in tl.static_range(8):
-            x0, x1, x2, x3 = _quarters(tl.reshape(tl.load(x_ptr + kw * 8 + j * WG + xw).to(tl.float32), (C, 4)))
-            if j % 2 == 0:
-                x_even += (x0 + x1) + (x2 + x3)
-            else:
-                x_odd += (x0 + x1) + (x2 + x3)
-            t += _int4_plane_bits(p0, j, magic_even, magic_odd) * x0[None, :]
-            t += _int4_plane_bits(p1, j, magic_even, magic_odd) * x1[None, :]
-            t += _int4_plane_bits(p2, j, magic_even, magic_odd) * x2[None, :]
-            t += _int4_plane_bits(p3, j, magic_even, magic_odd) * x3[None, :]
-        scale = tl.load(s_ptr + s_rows + kw // WG, mask=mask_n[:, None], other=0.0).to(tl.float32)
-        mn = tl.load(z_ptr + s_rows + kw // WG, mask=mask_n[:, None], other=0.0).to(tl.float32)
-        acc += scale * (t - (256.0 * x_even + 16.0 * x_odd)[None, :]) + mn * (x_even + x_odd)[None, :]
-        packed = nxt
+    for kw in range(0, KW, 2 * W):
+        b = tl.load(w_rows + (kw + W), mask=mask_n[:, None] & (zero + (kw + W) < KW), other=0)
+        acc = _int4_tile(acc, a, x_ptr, kw, xw, s_ptr, z_ptr, s_rows, mask_n, magic_even, magic_odd, BLOCK_N, C, WG)
+        a = tl.load(w_rows + (kw + 2 * W), mask=mask_n[:, None] & (zero + (kw + 2 * W) < KW), other=0)
+        if kw + W < KW:
+            acc = _int4_tile(acc, b, x_ptr, kw + W, xw, s_ptr, z_ptr, s_rows, mask_n, magic_even, magic_odd,
+                             BLOCK_N, C, WG)
     out = tl.sum(acc, axis=1)
     if SWIGLU:  # rounded as the unfused path: the product in x's dtype, silu of the rounded gate
         gate, up = tl.split(tl.reshape(out.to(out_ptr.dtype.element_ty), (BLOCK_N // 2, 2)))
