@@ -28,7 +28,6 @@ from kiln.kernels.pdl_triton import pdl_wait
 _LOG2E = 1.4426950408889634
 # Tile shape of the prefill kernel on GPUs (chosen on the H100 with benchmarks/kernels.py --sweep);
 # short chunks use smaller tiles so padding rows do not dominate.
-SPLIT_KEYS = tl.constexpr(256)  # the fewest keys a decode split takes (see _used_splits)
 PREFILL_CONFIG = {"BLOCK_M": 256, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
 PREFILL_CONFIG_SHORT = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 
@@ -41,14 +40,6 @@ def _num_sms(device_index: int) -> int:
 
 
 @triton.jit
-def _used_splits(seq_len, num_splits):
-    """Splits that a sequence of seq_len keys uses: at most num_splits, with at least
-    SPLIT_KEYS keys each. A CUDA graph fixes num_splits for the longest context it may meet;
-    shorter sequences then run in fewer programs, and with one split skip the reduction."""
-    return tl.maximum(tl.minimum(num_splits, tl.cdiv(seq_len, SPLIT_KEYS)), 1)
-
-
-@triton.jit
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
                    q_stride, bt_stride, tok_stride, block_stride, out_stride, num_splits, scale_log2, out_scale,
                    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -58,71 +49,67 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, out_ptr, mid_o_ptr, 
     s = tl.program_id(2)
     pdl_wait(PDL)
     seq_len = tl.load(lens_ptr + b)
-    used = _used_splits(seq_len, num_splits)
-    if s < used:
-        per_split = tl.cdiv(tl.cdiv(seq_len, used), BLOCK_N) * BLOCK_N
-        start = s * per_split
-        end = tl.minimum(start + per_split, seq_len)
+    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = s * per_split
+    end = tl.minimum(start + per_split, seq_len)
 
-        g = tl.arange(0, BLOCK_G)
-        d = tl.arange(0, D)
-        heads = kvh * G + g
-        mask_g = g < G
-        q = tl.load(q_ptr + b * q_stride + heads[:, None] * D + d[None, :], mask=mask_g[:, None], other=0.0)
-        if F16:  # e4m3 widens to fp16 in one instruction (to bf16 it takes several): compute in fp16
-            q = q.to(tl.float16)
-        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, D], tl.float32)
-        kv_off = kvh * D + d[None, :]
-        for n0 in range(start, end, BLOCK_N):
-            offs = n0 + tl.arange(0, BLOCK_N)
-            mask_n = offs < end
-            page = tl.load(bt_ptr + b * bt_stride + offs // PAGE, mask=mask_n, other=0).to(tl.int64)
-            row = page * block_stride + (offs % PAGE) * tok_stride
-            k = tl.load(kc_ptr + row[:, None] + kv_off, mask=mask_n[:, None], other=0.0).to(q.dtype)
-            qk = tl.dot(q, tl.trans(k)) * scale_log2
-            qk = tl.where(mask_n[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.math.exp2(qk - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            v = tl.load(vc_ptr + row[:, None] + kv_off, mask=mask_n[:, None], other=0.0).to(q.dtype)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
-        safe_l = tl.where(l_i > 0, l_i, 1.0)
-        o = acc * (out_scale / safe_l)[:, None]
-        if DIRECT or used == 1:
-            tl.store(out_ptr + b * out_stride + heads[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty),
-                     mask=mask_g[:, None])
-        else:
-            # Partial result and its log2-sum-exp; an empty split has lse = -inf and weighs nothing.
-            lse = tl.where(l_i > 0, m_i + tl.math.log2(safe_l), float("-inf"))
-            base = (b * (G * tl.num_programs(1)) + heads) * num_splits + s
-            tl.store(mid_o_ptr + base[:, None] * D + d[None, :], o, mask=mask_g[:, None])
-            tl.store(mid_lse_ptr + base, lse, mask=mask_g)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, D)
+    heads = kvh * G + g
+    mask_g = g < G
+    q = tl.load(q_ptr + b * q_stride + heads[:, None] * D + d[None, :], mask=mask_g[:, None], other=0.0)
+    if F16:  # e4m3 widens to fp16 in one instruction (to bf16 it takes several): compute in fp16
+        q = q.to(tl.float16)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    kv_off = kvh * D + d[None, :]
+    for n0 in range(start, end, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs < end
+        page = tl.load(bt_ptr + b * bt_stride + offs // PAGE, mask=mask_n, other=0).to(tl.int64)
+        row = page * block_stride + (offs % PAGE) * tok_stride
+        k = tl.load(kc_ptr + row[:, None] + kv_off, mask=mask_n[:, None], other=0.0).to(q.dtype)
+        qk = tl.dot(q, tl.trans(k)) * scale_log2
+        qk = tl.where(mask_n[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        v = tl.load(vc_ptr + row[:, None] + kv_off, mask=mask_n[:, None], other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    safe_l = tl.where(l_i > 0, l_i, 1.0)
+    o = acc * (out_scale / safe_l)[:, None]
+    if DIRECT:
+        tl.store(out_ptr + b * out_stride + heads[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=mask_g[:, None])
+    else:
+        # Partial result and its log2-sum-exp; an empty split has lse = -inf and weighs nothing.
+        lse = tl.where(l_i > 0, m_i + tl.math.log2(safe_l), float("-inf"))
+        base = (b * (G * tl.num_programs(1)) + heads) * num_splits + s
+        tl.store(mid_o_ptr + base[:, None] * D + d[None, :], o, mask=mask_g[:, None])
+        tl.store(mid_lse_ptr + base, lse, mask=mask_g)
 
 
 @triton.jit
-def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, lens_ptr, out_ptr, out_stride, num_splits,
+def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, out_stride, num_splits,
                           D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
     pdl_wait(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     hq = tl.num_programs(1)
-    used = _used_splits(tl.load(lens_ptr + b), num_splits)
-    if used > 1:  # else the one split wrote the output itself
-        sp = tl.arange(0, BLOCK_S)
-        d = tl.arange(0, D)
-        base = (b * hq + h) * num_splits
-        lse = tl.load(mid_lse_ptr + base + sp, mask=sp < used, other=float("-inf"))
-        top = tl.max(lse, 0)
-        top = tl.where(top == float("-inf"), 0.0, top)
-        w = tl.math.exp2(lse - top)
-        o = tl.load(mid_o_ptr + (base + sp)[:, None] * D + d[None, :], mask=(sp < used)[:, None], other=0.0)
-        total = tl.sum(w, 0)
-        res = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-        tl.store(out_ptr + b * out_stride + h * D + d, res.to(out_ptr.dtype.element_ty))
+    sp = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, D)
+    base = (b * hq + h) * num_splits
+    lse = tl.load(mid_lse_ptr + base + sp, mask=sp < num_splits, other=float("-inf"))
+    top = tl.max(lse, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.math.exp2(lse - top)
+    o = tl.load(mid_o_ptr + (base + sp)[:, None] * D + d[None, :], mask=(sp < num_splits)[:, None], other=0.0)
+    total = tl.sum(w, 0)
+    res = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + b * out_stride + h * D + d, res.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -207,11 +194,10 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, lens_ptr, cu_tiles_p
 
 
 def decode_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
-    """Splits per sequence: enough programs to fill the GPU, at least SPLIT_KEYS keys each (for
-    the longest sequence; each sequence uses as many as its own length needs)."""
+    """Splits per sequence: enough programs to fill the GPU, at least ~256 keys each."""
     sms = _num_sms(device.index or 0) if device.type == "cuda" else 16
     fill = triton.cdiv(2 * sms, batch * num_kv_heads)
-    return max(1, min(fill, triton.cdiv(max_seq_len, SPLIT_KEYS.value), 64))
+    return max(1, min(fill, triton.cdiv(max_seq_len, 256), 64))
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -237,7 +223,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     mid_lse = torch.empty(B, HQ, splits, dtype=torch.float32, device=q.device)
     _decode_kernel[(B, HKV, splits)](q, k_cache, v_cache, block_tables, seq_lens, out, mid_o, mid_lse, *args,
                                      splits, scale * k_scale * _LOG2E, v_scale, DIRECT=False, **common)
-    _decode_reduce_kernel[(B, HQ)](mid_o, mid_lse, seq_lens, out, out.stride(0), splits, D=D,
+    _decode_reduce_kernel[(B, HQ)](mid_o, mid_lse, out, out.stride(0), splits, D=D,
                                    BLOCK_S=triton.next_power_of_2(splits), num_warps=4, **backend.pdl_launch(q))
 
 
