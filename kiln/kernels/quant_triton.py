@@ -289,8 +289,10 @@ GEMV_MAX_M = 1
 # int4: one program per row of x and weight tile, reading the tile from L2 for all rows but one.
 INT4_GEMV_MAX_M = 3
 GEMV_TILES = {4: (4, 2048, 2, 1), 8: (4, 1024, 2, 2)}
-# Past this many rows int4 is dequantized once to a scratch and cuBLAS does the compute-bound rest.
-INT4_TC_MAX_M = 64
+# Past this many rows int4 is dequantized once to a scratch and cuBLAS does the rest: on the H100
+# the tensor-core kernel takes 0.31 ms per Llama-8B layer at 16 rows, 0.73 at 32, the dequantize
+# path 0.40 at any count up to 128 (benchmarks/results/quant-gemm-h100.json).
+INT4_TC_MAX_M = 16
 
 
 def _tiles(M: int, on_gpu: bool) -> tuple[int, int, int, int, int]:
