@@ -73,7 +73,8 @@ dataclasses `kiln serve` uses (tests/helm checks that the two agree field for fi
     "parallel" (dict "tensor_parallel_size" (int $e.tensorParallelSize)
                      "pipeline_parallel_size" (int $e.pipelineParallelSize)
                      "collective_timeout_s" 120.0 "heartbeat_s" 0.5)
-    "quant" (dict "mode" $e.quant "kv_cache_dtype" $e.kvCacheDtype "group_size" 128 "calibration_tokens" 2048) -}}
+    "quant" (dict "mode" $e.quant "kv_cache_dtype" $e.kvCacheDtype "group_size" 128 "calibration_tokens" 2048
+                  "lm_head" "auto") -}}
 {{- $router := dict "policy" $s.routing "decode_cost_tokens" 32.0 "kv_usage_limit" 0.95
     "max_queued_per_replica" (int $s.maxQueuedRequests) "retry_after_s" 1 -}}
 {{- $args := dict
