@@ -198,6 +198,22 @@ def int4_swiglu(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, min
                              up_offset=up_offset)
 
 
+def int4_qkv_rope(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, heads: int,
+                  kv_heads: int, head_dim: int, positions: torch.Tensor, cos_sin: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float,
+                  v_scale: float) -> torch.Tensor | None:
+    """q with RoPE applied, k and v in the cache, from an int4 [q | k | v] weight in one GEMV whose
+    epilogue does what rope.rope_and_cache does, where that kernel runs (a few tokens, Triton);
+    else None."""
+    if not backend.use_triton(x):
+        return None
+    from kiln.kernels import quant_triton
+    if x.shape[0] > quant_triton.INT4_GEMV_MAX_M:
+        return None
+    return quant_triton.int4_qkv_rope(x.contiguous(), packed, scales, mins, heads, kv_heads, head_dim, positions,
+                                      cos_sin, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+
+
 # -- the FP8 KV cache ----------------------------------------------------------------
 
 def to_kv_cache(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:

@@ -170,6 +170,36 @@ def _int4_tile(acc, packed, x_ptr, kw, xw, s_ptr, z_ptr, s_rows, mask_n, magic_e
 
 
 @triton.jit
+def _int4_gemv_rows(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, K, w_stride, s_stride, magic_even, magic_odd,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr):
+    """fp32 x . w for the BLOCK_N weight rows offs_n (see _int4_gemv_kernel)."""
+    C: tl.constexpr = BLOCK_K // 32  # chunks of 4 words per tile
+    WG: tl.constexpr = GROUP // 8
+    W: tl.constexpr = BLOCK_K // 8
+    chunks = tl.arange(0, C)
+    words = tl.arange(0, W)
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * w_stride + words[None, :]
+    xw = (words // WG) * GROUP + words % WG  # x offset of plane 0 of each word
+    g_chunk = (chunks * 4) // WG  # group of each chunk within the tile
+    s_rows = offs_n[:, None].to(tl.int64) * s_stride + g_chunk[None, :]
+    acc = tl.zeros([BLOCK_N, C], dtype=tl.float32)
+    KW = K // 8
+    # Tiles in pairs, each loading the tile after it into registers that are free by then (the
+    # other of the pair), so no tile is copied between registers. K is a whole number of tiles.
+    zero = tl.zeros([BLOCK_N, W], dtype=tl.int32)  # a whole-tile (scalar) condition keeps 16-byte loads
+    a = tl.load(w_rows, mask=mask_n[:, None], other=0)  # weights: no need to wait for x
+    pdl_wait(PDL)
+    for kw in range(0, KW, 2 * W):
+        b = tl.load(w_rows + (kw + W), mask=mask_n[:, None] & (zero + (kw + W) < KW), other=0)
+        acc = _int4_tile(acc, a, x_ptr, kw, xw, s_ptr, z_ptr, s_rows, mask_n, magic_even, magic_odd, BLOCK_N, C, WG)
+        a = tl.load(w_rows + (kw + 2 * W), mask=mask_n[:, None] & (zero + (kw + 2 * W) < KW), other=0)
+        if kw + W < KW:
+            acc = _int4_tile(acc, b, x_ptr, kw + W, xw, s_ptr, z_ptr, s_rows, mask_n, magic_even, magic_odd,
+                             BLOCK_N, C, WG)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
 def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_stride, s_stride, out_stride,
                       magic_even, magic_odd, up_offset, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
                       SWIGLU: tl.constexpr = False, PDL: tl.constexpr = False):
@@ -195,30 +225,8 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_str
     else:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-    C: tl.constexpr = BLOCK_K // 32  # chunks of 4 words per tile
-    WG: tl.constexpr = GROUP // 8
-    W: tl.constexpr = BLOCK_K // 8
-    chunks = tl.arange(0, C)
-    words = tl.arange(0, W)
-    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * w_stride + words[None, :]
-    xw = (words // WG) * GROUP + words % WG  # x offset of plane 0 of each word
-    g_chunk = (chunks * 4) // WG  # group of each chunk within the tile
-    s_rows = offs_n[:, None].to(tl.int64) * s_stride + g_chunk[None, :]
-    acc = tl.zeros([BLOCK_N, C], dtype=tl.float32)
-    KW = K // 8
-    # Tiles in pairs, each loading the tile after it into registers that are free by then (the
-    # other of the pair), so no tile is copied between registers. K is a whole number of tiles.
-    zero = tl.zeros([BLOCK_N, W], dtype=tl.int32)  # a whole-tile (scalar) condition keeps 16-byte loads
-    a = tl.load(w_rows, mask=mask_n[:, None], other=0)  # weights: no need to wait for x
-    pdl_wait(PDL)
-    for kw in range(0, KW, 2 * W):
-        b = tl.load(w_rows + (kw + W), mask=mask_n[:, None] & (zero + (kw + W) < KW), other=0)
-        acc = _int4_tile(acc, a, x_ptr, kw, xw, s_ptr, z_ptr, s_rows, mask_n, magic_even, magic_odd, BLOCK_N, C, WG)
-        a = tl.load(w_rows + (kw + 2 * W), mask=mask_n[:, None] & (zero + (kw + 2 * W) < KW), other=0)
-        if kw + W < KW:
-            acc = _int4_tile(acc, b, x_ptr, kw + W, xw, s_ptr, z_ptr, s_rows, mask_n, magic_even, magic_odd,
-                             BLOCK_N, C, WG)
-    out = tl.sum(acc, axis=1)
+    out = _int4_gemv_rows(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, K, w_stride, s_stride, magic_even, magic_odd,
+                          BLOCK_N, BLOCK_K, GROUP, PDL)
     if SWIGLU:  # rounded as the unfused path: the product in x's dtype, silu of the rounded gate
         gate, up = tl.split(tl.reshape(out.to(out_ptr.dtype.element_ty), (BLOCK_N // 2, 2)))
         gate = gate.to(tl.float32)
@@ -227,6 +235,61 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_str
         tl.store(out_ptr + o, y, mask=o < N)
     else:
         tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _int4_qkv_rope_kernel(x_ptr, w_ptr, s_ptr, z_ptr, q_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr, K,
+                          x_stride, w_stride, s_stride, q_stride, cs_stride, inv_k_scale, inv_v_scale,
+                          magic_even, magic_odd, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                          BLOCK_K: tl.constexpr, GROUP: tl.constexpr, KV_FP8: tl.constexpr,
+                          PDL: tl.constexpr = False):
+    """The int4 QKV GEMV with RoPE and the KV-cache write in its epilogue (one token per row of
+    x), as rope_triton.rope_and_cache does after the plain GEMV. A program takes 4 weight rows:
+    two rotation pairs (i, i + D/2) of one q or k head, or 4 rows of v. q is written rotated to
+    q_ptr; k (rotated) and v go to the cache at the token's slot (none for slot -1)."""
+    HALF: tl.constexpr = D // 2
+    PAIR_PROGRAMS: tl.constexpr = (HQ + HKV) * HALF // 2
+    t = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    r = tl.arange(0, 4)
+    head = pid * 2 // HALF
+    if pid < PAIR_PROGRAMS:  # rows a0, b0, a1, b1: pairs i and i + 1 of one head
+        offs_n = head * D + (pid * 2) % HALF + r // 2 + (r % 2) * HALF
+    else:
+        offs_n = (HQ + HKV) * D + (pid - PAIR_PROGRAMS) * 4 + r
+    out = _int4_gemv_rows(x_ptr + t * x_stride, w_ptr, s_ptr, z_ptr, offs_n, offs_n >= 0, K, w_stride, s_stride,
+                          magic_even, magic_odd, 4, BLOCK_K, GROUP, PDL)
+    y = out.to(q_ptr.dtype.element_ty)  # rounded as the GEMV's output
+    slot = tl.load(slot_ptr + t)
+    row = slot * (HKV * D)
+    if pid < PAIR_PROGRAMS:
+        a, b = tl.split(tl.reshape(y, (2, 2)))
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+        i = (pid * 2) % HALF + tl.arange(0, 2)
+        pos = tl.load(pos_ptr + t)
+        cos = tl.load(cs_ptr + pos * cs_stride + i)
+        sin = tl.load(cs_ptr + pos * cs_stride + HALF + i)
+        ra = (a * cos - b * sin).to(q_ptr.dtype.element_ty)
+        rb = (b * cos + a * sin).to(q_ptr.dtype.element_ty)
+        if head < HQ:
+            tl.store(q_ptr + t * q_stride + head * D + i, ra)
+            tl.store(q_ptr + t * q_stride + head * D + HALF + i, rb)
+        elif slot >= 0:
+            c = row + (head - HQ) * D + i
+            if KV_FP8:  # the rotated (rounded) key, scaled into e4m3's range
+                tl.store(kc_ptr + c, tl.clamp(ra.to(tl.float32) * inv_k_scale, -448.0, 448.0).to(kc_ptr.dtype.element_ty))
+                tl.store(kc_ptr + c + HALF,
+                         tl.clamp(rb.to(tl.float32) * inv_k_scale, -448.0, 448.0).to(kc_ptr.dtype.element_ty))
+            else:
+                tl.store(kc_ptr + c, ra.to(kc_ptr.dtype.element_ty))
+                tl.store(kc_ptr + c + HALF, rb.to(kc_ptr.dtype.element_ty))
+    elif slot >= 0:
+        c = row + (pid - PAIR_PROGRAMS) * 4 + r
+        if KV_FP8:
+            tl.store(vc_ptr + c, tl.clamp(y.to(tl.float32) * inv_v_scale, -448.0, 448.0).to(vc_ptr.dtype.element_ty))
+        else:
+            tl.store(vc_ptr + c, y.to(vc_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -350,6 +413,29 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
                        FP8=w.dtype == torch.uint8, BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n,
                        BLOCK_K=block_k, num_warps=warps, num_stages=stages, **backend.pdl_launch(x))
     return out
+
+
+def int4_qkv_rope(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, heads: int,
+                  kv_heads: int, head_dim: int, positions: torch.Tensor, cos_sin: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float,
+                  v_scale: float) -> torch.Tensor:
+    """q (rotated) [M, heads * head_dim] from an int4 [q | k | v] weight, with k (rotated) and v
+    written to the cache: the GEMV and rope_triton.rope_and_cache in one kernel, for up to
+    INT4_GEMV_MAX_M tokens."""
+    M, K = x.shape
+    group = w.shape[1] * 8 // scales.shape[1]
+    if M > INT4_GEMV_MAX_M or head_dim % 4:
+        raise ValueError(f"the fused int4 QKV GEMV takes up to {INT4_GEMV_MAX_M} rows and head_dim % 4 == 0")
+    _, block_k, warps, stages = GEMV_TILES[4] if x.is_cuda else (4, 256, 1, 1)
+    block_k = _int4_block_k(block_k, K, group)
+    q = torch.empty(M, heads * head_dim, dtype=x.dtype, device=x.device)
+    programs = (heads + kv_heads) * head_dim // 4 + kv_heads * head_dim // 4
+    _int4_qkv_rope_kernel[(M, programs)](
+        x, w, scales, mins, q, positions, cos_sin, k_cache, v_cache, slot_mapping, K, x.stride(0), w.stride(0),
+        scales.stride(0), q.stride(0), cos_sin.stride(0), 1.0 / k_scale, 1.0 / v_scale, 0x43800000, 0x41800000,
+        HQ=heads, HKV=kv_heads, D=head_dim, BLOCK_K=block_k, GROUP=group,
+        KV_FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=warps, num_stages=stages, **backend.pdl_launch(x))
+    return q
 
 
 def tensor_core_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,

@@ -406,3 +406,35 @@ def test_int4_gemv_swiglu_matches_unfused(m, n, k, dtype):
     fused = quant_triton.gemv(x, p, sc, mn, 4, group, up_offset=n)
     assert fused.shape == (m, n)
     assert rel_err(fused, silu_and_mul(plain)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("m, hq, hkv, d, k, kv_fp8", [
+    (1, 2, 1, 32, 256, False), (2, 2, 1, 32, 128, True),
+    pytest.param(1, 32, 8, 128, 4096, False, marks=pytest.mark.gpu),
+    pytest.param(2, 32, 8, 128, 4096, True, marks=pytest.mark.gpu)])
+def test_int4_qkv_rope_matches_unfused(m, hq, hkv, d, k, kv_fp8):
+    """The QKV GEMV with RoPE and the cache write in its epilogue equals the GEMV followed by
+    rope_and_cache: the same q, the same cache bytes (a -1 slot writes nothing)."""
+    from kiln.kernels import quant, quant_triton, rope_triton
+    from kiln.kernels.rope import rope_cos_sin
+
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
+    x = torch.randn(m, k, dtype=dtype, device=DEV)
+    w = torch.randn((hq + 2 * hkv) * d, k, device=DEV) * 0.05
+    group = 64 if k % 128 else 128
+    p, sc, mn = quant.quantize_int4(w, group)
+    cos_sin = rope_cos_sin(d, 64, 10000.0, None, torch.device(DEV))
+    positions = torch.tensor([5, 40][:m], device=DEV)
+    slots = torch.tensor([3, -1][:m], device=DEV)
+    cache_dtype = torch.float8_e4m3fn if kv_fp8 else dtype
+    caches = [torch.zeros(2, 8, hkv, d, dtype=cache_dtype, device=DEV) for _ in range(4)]
+    scales = (0.5, 0.25) if kv_fp8 else (1.0, 1.0)
+    q, kk, v = quant_triton.gemv(x, p, sc, mn, 4, group).split([hq * d, hkv * d, hkv * d], dim=-1)
+    q = q.contiguous().view(m, hq, d)
+    rope_triton.rope_and_cache(q, kk.contiguous().view(m, hkv, d), v.contiguous().view(m, hkv, d), positions, cos_sin,
+                               caches[0], caches[1], slots, *scales)
+    fused = quant_triton.int4_qkv_rope(x, p, sc, mn, hq, hkv, d, positions, cos_sin, caches[2], caches[3], slots,
+                                       *scales)
+    assert torch.equal(fused.view(m, hq, d), q)
+    assert torch.equal(caches[2].view(torch.uint8), caches[0].view(torch.uint8))
+    assert torch.equal(caches[3].view(torch.uint8), caches[1].view(torch.uint8))

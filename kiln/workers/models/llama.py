@@ -17,7 +17,7 @@ from kiln.config import ModelConfig
 from kiln.kernels.activation import silu_and_mul
 from kiln.kernels.attention import AttentionMetadata, paged_attention
 from kiln.kernels.norm import fused_add_rms_norm, rms_norm
-from kiln.kernels.quant import Fp8Activation
+from kiln.kernels.quant import Fp8Activation, int4_qkv_rope
 from kiln.kernels.rope import rope_cos_sin, rope_and_cache
 from kiln.workers.models.layers import (MergedColumnLinear, ParallelLMHead, RowParallelLinear,
                                         VocabParallelEmbedding, _copy)
@@ -83,15 +83,27 @@ class LlamaAttention(nn.Module):
         GPU tensor on every step would stall the host."""
         self.k_scale, self.v_scale = (float(x) for x in self.kv_scale.tolist())
 
+    def _int4_qkv_rope(self, x, positions, cos_sin, k_cache, v_cache, slots) -> torch.Tensor | None:
+        p = self.qkv_proj
+        if p.quant != "int4-awq" or p.bias is not None:
+            return None
+        return int4_qkv_rope(x, p.qweight, p.scales, p.mins, self.num_heads, self.num_kv_heads, self.head_dim,
+                             positions, cos_sin, k_cache, v_cache, slots, self.k_scale, self.v_scale)
+
     def forward(self, positions: torch.Tensor, x: torch.Tensor | Fp8Activation, cos_sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         T = positions.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
-        rope_and_cache(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+        q = self._int4_qkv_rope(x, positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
+        if q is None:
+            q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+            q = q.view(T, self.num_heads, self.head_dim)
+            k = k.view(T, self.num_kv_heads, self.head_dim)
+            v = v.view(T, self.num_kv_heads, self.head_dim)
+            rope_and_cache(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping, self.k_scale,
+                           self.v_scale)
+        else:  # small-batch int4 decode: the GEMV did RoPE and the cache write (one kernel fewer)
+            q = q.view(T, self.num_heads, self.head_dim)
         out = paged_attention(q, k_cache, v_cache, meta, self.scale, self.k_scale, self.v_scale)
         return self.o_proj(out.view(T, -1))
 
