@@ -3,14 +3,16 @@
 Decode (one row of x): reading the weights is the whole cost. A register
 GEMV reads each weight tile once along K with vector loads, widens the codes,
 and keeps products elementwise until one reduction at the end. fp8 streams at
-~86% of the copy ceiling. int4 codes sit eight to an int32, plane-major
+~85% of the copy ceiling. int4 codes sit eight to an int32, plane-major
 within a group (nibble j of word i is k = j * group/8 + i, kiln/kernels/quant.py),
 so each nibble plane meets a contiguous run of x; a thread holds a few rows of
 the same words, so x is loaded and widened once for all of them. A nibble
-becomes a float by masking it into the mantissa of 1.0f (no int->float
-convert), two nibbles per shift. ~4.6 instructions per weight; about half of
-the copy ceiling at Llama-8B shapes, where the few warps per SM that the small
-matrices give cannot cover memory latency and issue together.
+becomes a float by masking it into the mantissa of 256.0f or 16.0f (no
+int->float convert, no scaling of x), two nibbles per shift. ~4 instructions
+per weight, ~63% of the copy ceiling at Llama-8B shapes on the H100: the
+kernel is bound by instruction issue more than by memory. It also takes 2-3
+rows of x (tiles shared through L2), and has two epilogues that save a kernel
+each: SwiGLU for [gate | up], RoPE and the KV-cache write for [q | k | v].
 
 Larger batches: a tensor-core kernel widens the codes (8-bit, or int4
 unpacked and scaled per group) in registers, K split over programs when
