@@ -113,6 +113,7 @@ def main() -> None:
     ap.add_argument("--name", default="quant-gemm-h100")
     ap.add_argument("--sweep", action="store_true", help="sweep the GEMV tiles first and use the best")
     ap.add_argument("--sweep-fp8", action="store_true", help="with --sweep: the 8-bit GEMV's tiles too")
+    ap.add_argument("--sweep-shapes", action="store_true", help="the int4 GEMV's tiles per layer shape")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024])
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -128,6 +129,15 @@ def main() -> None:
             g8 = list(itertools.product((4, 8, 16), (256, 512, 1024), (2, 4, 8), (2, 4)))
             figures["sweep_fp8_m1_ms"] = s8 = sweep(ws, "fp8-gemv", 1, g8)
             quant_triton.GEMV_TILES[8] = best(s8)
+    if args.sweep_shapes:  # each shape alone: waves and tails differ with the row count
+        by_shape = figures["sweep_int4_m1_by_shape_ms"] = {}
+        for name, (n, k) in SHAPES.items():
+            x = torch.randn(1, k, device="cuda", dtype=DT)
+            for bn, bk, w, st in [(bn, 1024 * w, w, 1) for bn in (2, 4, 8) for w in (1, 2)]:
+                key = f"{name}-n{bn}-k{bk}-w{w}"
+                by_shape[key] = round(ms(lambda: quant_triton.gemv(x, *ws[name]["int4"], bits=4, group=128,
+                                                                   tiles=(bn, bk, w, st))), 4)
+                print(key, by_shape[key], flush=True)
     figures["gemv_tiles"] = {str(b): quant_triton.GEMV_TILES[b] for b in (4, 8)}
     rows = {}
     for M in args.rows:
