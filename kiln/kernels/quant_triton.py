@@ -243,33 +243,32 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_str
 def _int4_qkv_rope_kernel(x_ptr, w_ptr, s_ptr, z_ptr, q_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr, K,
                           x_stride, w_stride, s_stride, q_stride, cs_stride, inv_k_scale, inv_v_scale,
                           magic_even, magic_odd, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, KV_FP8: tl.constexpr,
+                          BLOCK_K: tl.constexpr, GROUP: tl.constexpr, KV_FP8: tl.constexpr,
                           PDL: tl.constexpr = False):
     """The int4 QKV GEMV with RoPE and the KV-cache write in its epilogue (one token per row of
-    x), as rope_triton.rope_and_cache does after the plain GEMV. A program takes BLOCK_N weight
-    rows: BLOCK_N/2 rotation pairs (i, i + D/2) of one q or k head, or BLOCK_N rows of v. q is written rotated to
+    x), as rope_triton.rope_and_cache does after the plain GEMV. A program takes 4 weight rows:
+    two rotation pairs (i, i + D/2) of one q or k head, or 4 rows of v. q is written rotated to
     q_ptr; k (rotated) and v go to the cache at the token's slot (none for slot -1)."""
     HALF: tl.constexpr = D // 2
-    P: tl.constexpr = BLOCK_N // 2  # pairs per program
-    PAIR_PROGRAMS: tl.constexpr = (HQ + HKV) * HALF // P
+    PAIR_PROGRAMS: tl.constexpr = (HQ + HKV) * HALF // 2
     t = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
-    r = tl.arange(0, BLOCK_N)
-    head = pid * P // HALF
-    if pid < PAIR_PROGRAMS:  # rows a0, b0, a1, b1, ...: pairs i, i + 1, ... of one head
-        offs_n = head * D + (pid * P) % HALF + r // 2 + (r % 2) * HALF
+    r = tl.arange(0, 4)
+    head = pid * 2 // HALF
+    if pid < PAIR_PROGRAMS:  # rows a0, b0, a1, b1: pairs i and i + 1 of one head
+        offs_n = head * D + (pid * 2) % HALF + r // 2 + (r % 2) * HALF
     else:
-        offs_n = (HQ + HKV) * D + (pid - PAIR_PROGRAMS) * BLOCK_N + r
+        offs_n = (HQ + HKV) * D + (pid - PAIR_PROGRAMS) * 4 + r
     out = _int4_gemv_rows(x_ptr + t * x_stride, w_ptr, s_ptr, z_ptr, offs_n, offs_n >= 0, K, w_stride, s_stride,
-                          magic_even, magic_odd, BLOCK_N, BLOCK_K, GROUP, PDL)
+                          magic_even, magic_odd, 4, BLOCK_K, GROUP, PDL)
     y = out.to(q_ptr.dtype.element_ty)  # rounded as the GEMV's output
     slot = tl.load(slot_ptr + t)
     row = slot * (HKV * D)
     if pid < PAIR_PROGRAMS:
-        a, b = tl.split(tl.reshape(y, (P, 2)))
+        a, b = tl.split(tl.reshape(y, (2, 2)))
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-        i = (pid * P) % HALF + tl.arange(0, P)
+        i = (pid * 2) % HALF + tl.arange(0, 2)
         pos = tl.load(pos_ptr + t)
         cos = tl.load(cs_ptr + pos * cs_stride + i)
         sin = tl.load(cs_ptr + pos * cs_stride + HALF + i)
@@ -288,7 +287,7 @@ def _int4_qkv_rope_kernel(x_ptr, w_ptr, s_ptr, z_ptr, q_ptr, pos_ptr, cs_ptr, kc
                 tl.store(kc_ptr + c, ra.to(kc_ptr.dtype.element_ty))
                 tl.store(kc_ptr + c + HALF, rb.to(kc_ptr.dtype.element_ty))
     elif slot >= 0:
-        c = row + (pid - PAIR_PROGRAMS) * BLOCK_N + r
+        c = row + (pid - PAIR_PROGRAMS) * 4 + r
         if KV_FP8:
             tl.store(vc_ptr + c, tl.clamp(y.to(tl.float32) * inv_v_scale, -448.0, 448.0).to(vc_ptr.dtype.element_ty))
         else:
@@ -361,19 +360,6 @@ GEMV_TILES = {4: (4, 2048, 2, 1), 8: (4, 1024, 2, 2)}
 INT4_TC_MAX_M = 16
 
 
-def int4_gemv_tiles(N: int, K: int) -> tuple[int, int, int, int]:
-    """The int4 GEMV's (BLOCK_N, BLOCK_K, num_warps, num_stages) for an [N, K] weight on a GPU.
-    Per layer shape on the H100 (benchmarks/results/quant-gemm-shapes-h100.json, us): long K
-    (down, 14336) runs best with one-warp programs (13.9 against 14.8), few rows (qkv, o) with
-    8 rows per program, whose fewer programs fit in one wave (qkv 5.0 against 6.5); the rest
-    takes GEMV_TILES."""
-    if K >= 8192:
-        return 4, 1024, 1, 1
-    if N <= 8192:
-        return 8, 2048, 2, 1
-    return GEMV_TILES[4]
-
-
 def _tiles(M: int, on_gpu: bool) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the tensor-core kernel."""
     if not on_gpu:  # the interpreter: small tiles
@@ -406,9 +392,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
     N = w.shape[0]
     if w.dtype == torch.float8_e4m3fn:
         w = w.view(torch.uint8)  # the kernel widens e4m3 bytes itself
-    if tiles is None and x.is_cuda:
-        tiles = int4_gemv_tiles(N, K) if bits == 4 else GEMV_TILES[bits]
-    block_n, block_k, warps, stages = tiles or (8, 256, 1, 1)
+    block_n, block_k, warps, stages = tiles or (GEMV_TILES[bits] if x.is_cuda else (8, 256, 1, 1))
     if bits == 4:
         if M > INT4_GEMV_MAX_M:
             raise ValueError(f"the int4 GEMV takes up to {INT4_GEMV_MAX_M} rows of x, got {M}")
@@ -442,17 +426,16 @@ def int4_qkv_rope(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: 
     INT4_GEMV_MAX_M tokens."""
     M, K = x.shape
     group = w.shape[1] * 8 // scales.shape[1]
-    N = (heads + 2 * kv_heads) * head_dim
-    block_n, block_k, warps, stages = int4_gemv_tiles(N, K) if x.is_cuda else (4, 256, 1, 1)
-    if M > INT4_GEMV_MAX_M or head_dim % (2 * block_n):
-        raise ValueError(f"the fused int4 QKV GEMV takes up to {INT4_GEMV_MAX_M} rows and head_dim % {2 * block_n} == 0")
+    if M > INT4_GEMV_MAX_M or head_dim % 4:
+        raise ValueError(f"the fused int4 QKV GEMV takes up to {INT4_GEMV_MAX_M} rows and head_dim % 4 == 0")
+    _, block_k, warps, stages = GEMV_TILES[4] if x.is_cuda else (4, 256, 1, 1)
     block_k = _int4_block_k(block_k, K, group)
     q = torch.empty(M, heads * head_dim, dtype=x.dtype, device=x.device)
-    programs = (heads + kv_heads) * head_dim // block_n + kv_heads * head_dim // block_n
+    programs = (heads + kv_heads) * head_dim // 4 + kv_heads * head_dim // 4
     _int4_qkv_rope_kernel[(M, programs)](
         x, w, scales, mins, q, positions, cos_sin, k_cache, v_cache, slot_mapping, K, x.stride(0), w.stride(0),
         scales.stride(0), q.stride(0), cos_sin.stride(0), 1.0 / k_scale, 1.0 / v_scale, 0x43800000, 0x41800000,
-        HQ=heads, HKV=kv_heads, D=head_dim, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group,
+        HQ=heads, HKV=kv_heads, D=head_dim, BLOCK_K=block_k, GROUP=group,
         KV_FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=warps, num_stages=stages, **backend.pdl_launch(x))
     return q
 
