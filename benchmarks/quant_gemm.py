@@ -22,7 +22,7 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import write_result  # noqa: E402
-from kiln.kernels import quant, quant_triton  # noqa: E402
+from kiln.kernels import int4_gemv_triton, quant, quant_triton  # noqa: E402
 
 COPY_TBS = 3.02
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -124,7 +124,7 @@ def main() -> None:
         # int4: BLOCK_K = 1024 * warps gives each thread one 16-byte load of every row (see the kernel)
         g4 = [(bn, 1024 * w, w, st) for bn in (2, 4, 8) for w in (1, 2, 4) for st in (1, 2)]
         figures["sweep_int4_m1_ms"] = s4 = sweep(ws, "int4-gemv", 1, g4)
-        quant_triton.GEMV_TILES[4] = bn, bk, w, st = best(s4)
+        int4_gemv_triton.TILES = bn, bk, w, st = best(s4)
         if args.sweep_fp8:
             g8 = list(itertools.product((4, 8, 16), (256, 512, 1024), (2, 4, 8), (2, 4)))
             figures["sweep_fp8_m1_ms"] = s8 = sweep(ws, "fp8-gemv", 1, g8)
@@ -138,13 +138,13 @@ def main() -> None:
                 by_shape[key] = round(ms(lambda: quant_triton.gemv(x, *ws[name]["int4"], bits=4, group=128,
                                                                    tiles=(bn, bk, w, st))), 4)
                 print(key, by_shape[key], flush=True)
-    figures["gemv_tiles"] = {str(b): quant_triton.GEMV_TILES[b] for b in (4, 8)}
+    figures["gemv_tiles"] = {"4": int4_gemv_triton.TILES, "8": quant_triton.GEMV_TILES[8]}
     rows = {}
     for M in args.rows:
         row = {"bf16_ms": layer_ms(ws, M, "bf16")}
         paths = ["int4-tc", "fp8-tc", "fp8-scaled-mm", "int4-dequant"]
         if M <= 4:
-            paths = (["int4-gemv"] if M <= quant_triton.INT4_GEMV_MAX_M else []) + ["fp8-gemv"] + paths
+            paths = (["int4-gemv"] if M <= int4_gemv_triton.INT4_GEMV_MAX_M else []) + ["fp8-gemv"] + paths
         for p in paths:
             try:
                 row[p + "_ms"] = layer_ms(ws, M, p, check=True)

@@ -185,17 +185,23 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, min
     return int4_linear_ref(x, packed, scales, mins, bias)
 
 
+def _int4_gemv(x: torch.Tensor):
+    """kiln.kernels.int4_gemv_triton where its GEMV takes x (Triton, a few rows); else None."""
+    if not backend.use_triton(x):
+        return None
+    from kiln.kernels import int4_gemv_triton
+    return int4_gemv_triton if x.shape[0] <= int4_gemv_triton.INT4_GEMV_MAX_M else None
+
+
 def int4_swiglu(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                 up_offset: int) -> torch.Tensor | None:
     """silu(gate) * up for an int4 [gate | up] weight (up from row `up_offset`) in the GEMV's own
-    epilogue, saving the SwiGLU kernel where the GEMV runs (a few rows of x, Triton); else None."""
-    if not backend.use_triton(x):
+    epilogue, saving the SwiGLU kernel where the GEMV runs; else None."""
+    kernels = _int4_gemv(x)
+    if kernels is None:
         return None
-    from kiln.kernels import quant_triton
-    if x.shape[0] > quant_triton.INT4_GEMV_MAX_M:
-        return None
-    return quant_triton.gemv(x.contiguous(), packed, scales, mins, 4, packed.shape[1] * 8 // scales.shape[1],
-                             up_offset=up_offset)
+    return kernels.gemv(x.contiguous(), packed, scales, mins, packed.shape[1] * 8 // scales.shape[1],
+                        up_offset=up_offset)
 
 
 def int4_qkv_rope(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, heads: int,
@@ -203,15 +209,12 @@ def int4_qkv_rope(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, m
                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float,
                   v_scale: float) -> torch.Tensor | None:
     """q with RoPE applied, k and v in the cache, from an int4 [q | k | v] weight in one GEMV whose
-    epilogue does what rope.rope_and_cache does, where that kernel runs (a few tokens, Triton);
-    else None."""
-    if not backend.use_triton(x):
+    epilogue does what rope.rope_and_cache does, where that kernel runs; else None."""
+    kernels = _int4_gemv(x)
+    if kernels is None:
         return None
-    from kiln.kernels import quant_triton
-    if x.shape[0] > quant_triton.INT4_GEMV_MAX_M:
-        return None
-    return quant_triton.int4_qkv_rope(x.contiguous(), packed, scales, mins, heads, kv_heads, head_dim, positions,
-                                      cos_sin, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    return kernels.qkv_rope(x.contiguous(), packed, scales, mins, heads, kv_heads, head_dim, positions, cos_sin,
+                            k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 # -- the FP8 KV cache ----------------------------------------------------------------

@@ -15,6 +15,22 @@ from kiln.kernels.pdl_triton import pdl_wait
 
 
 @triton.jit
+def rotate(x1, x2, cos, sin):
+    """The two halves of a head rotated, in fp32 (callers round to their dtype)."""
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
+def kv_cache_value(x, inv_scale, FP8: tl.constexpr):
+    """x as a KV cache of FP8 stores it before the cast: scaled into e4m3's range (else x)."""
+    if FP8:
+        return tl.clamp(x.to(tl.float32) * inv_scale, -448.0, 448.0)
+    return x
+
+
+@triton.jit
 def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr,
                        q_stride, k_stride, v_stride, cs_stride, cache_slot_stride, inv_k_scale, inv_v_scale,
                        KV_FP8: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
@@ -29,18 +45,16 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slo
     hq = tl.arange(0, BLOCK_HQ)[:, None]
     mq = hq < HQ
     q1p = q_ptr + t * q_stride + hq * (2 * HALF) + d[None, :]
-    q1 = tl.load(q1p, mask=mq, other=0.0).to(tl.float32)
-    q2 = tl.load(q1p + HALF, mask=mq, other=0.0).to(tl.float32)
-    tl.store(q1p, (q1 * cos - q2 * sin).to(q_ptr.dtype.element_ty), mask=mq)
-    tl.store(q1p + HALF, (q2 * cos + q1 * sin).to(q_ptr.dtype.element_ty), mask=mq)
+    r1, r2 = rotate(tl.load(q1p, mask=mq, other=0.0), tl.load(q1p + HALF, mask=mq, other=0.0), cos, sin)
+    tl.store(q1p, r1.to(q_ptr.dtype.element_ty), mask=mq)
+    tl.store(q1p + HALF, r2.to(q_ptr.dtype.element_ty), mask=mq)
 
     hk = tl.arange(0, BLOCK_HKV)[:, None]
     mk = hk < HKV
     k1p = k_ptr + t * k_stride + hk * (2 * HALF) + d[None, :]
-    k1 = tl.load(k1p, mask=mk, other=0.0).to(tl.float32)
-    k2 = tl.load(k1p + HALF, mask=mk, other=0.0).to(tl.float32)
-    r1 = (k1 * cos - k2 * sin).to(k_ptr.dtype.element_ty)
-    r2 = (k2 * cos + k1 * sin).to(k_ptr.dtype.element_ty)
+    r1, r2 = rotate(tl.load(k1p, mask=mk, other=0.0), tl.load(k1p + HALF, mask=mk, other=0.0), cos, sin)
+    r1 = r1.to(k_ptr.dtype.element_ty)
+    r2 = r2.to(k_ptr.dtype.element_ty)
     tl.store(k1p, r1, mask=mk)
     tl.store(k1p + HALF, r2, mask=mk)
 
@@ -50,17 +64,11 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slo
         v1p = v_ptr + t * v_stride + hk * (2 * HALF) + d[None, :]
         v1 = tl.load(v1p, mask=mk, other=0.0).to(tl.float32)
         v2 = tl.load(v1p + HALF, mask=mk, other=0.0).to(tl.float32)
-        if KV_FP8:  # the rotated (rounded) key, scaled into e4m3's range
-            k1s = tl.clamp(r1.to(tl.float32) * inv_k_scale, -448.0, 448.0)
-            k2s = tl.clamp(r2.to(tl.float32) * inv_k_scale, -448.0, 448.0)
-            v1 = tl.clamp(v1 * inv_v_scale, -448.0, 448.0)
-            v2 = tl.clamp(v2 * inv_v_scale, -448.0, 448.0)
-        else:
-            k1s, k2s = r1, r2
-        tl.store(kc_ptr + c, k1s.to(kc_ptr.dtype.element_ty), mask=mk)
-        tl.store(kc_ptr + c + HALF, k2s.to(kc_ptr.dtype.element_ty), mask=mk)
-        tl.store(vc_ptr + c, v1.to(vc_ptr.dtype.element_ty), mask=mk)
-        tl.store(vc_ptr + c + HALF, v2.to(vc_ptr.dtype.element_ty), mask=mk)
+        # The rotated key as rounded above; V from fp32.
+        tl.store(kc_ptr + c, kv_cache_value(r1, inv_k_scale, KV_FP8).to(kc_ptr.dtype.element_ty), mask=mk)
+        tl.store(kc_ptr + c + HALF, kv_cache_value(r2, inv_k_scale, KV_FP8).to(kc_ptr.dtype.element_ty), mask=mk)
+        tl.store(vc_ptr + c, kv_cache_value(v1, inv_v_scale, KV_FP8).to(vc_ptr.dtype.element_ty), mask=mk)
+        tl.store(vc_ptr + c + HALF, kv_cache_value(v2, inv_v_scale, KV_FP8).to(vc_ptr.dtype.element_ty), mask=mk)
 
 
 def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,

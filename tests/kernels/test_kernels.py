@@ -415,7 +415,7 @@ def test_int4_gemv_swiglu_matches_unfused(m, n, k, dtype):
 def test_int4_qkv_rope_matches_unfused(m, hq, hkv, d, k, kv_fp8):
     """The QKV GEMV with RoPE and the cache write in its epilogue equals the GEMV followed by
     rope_and_cache: the same q, the same cache bytes (a -1 slot writes nothing)."""
-    from kiln.kernels import quant, quant_triton, rope_triton
+    from kiln.kernels import int4_gemv_triton, quant, quant_triton, rope_triton
     from kiln.kernels.rope import rope_cos_sin
 
     dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
@@ -433,8 +433,8 @@ def test_int4_qkv_rope_matches_unfused(m, hq, hkv, d, k, kv_fp8):
     q = q.contiguous().view(m, hq, d)
     rope_triton.rope_and_cache(q, kk.contiguous().view(m, hkv, d), v.contiguous().view(m, hkv, d), positions, cos_sin,
                                caches[0], caches[1], slots, *scales)
-    fused = quant_triton.int4_qkv_rope(x, p, sc, mn, hq, hkv, d, positions, cos_sin, caches[2], caches[3], slots,
-                                       *scales)
+    fused = int4_gemv_triton.qkv_rope(x, p, sc, mn, hq, hkv, d, positions, cos_sin, caches[2], caches[3], slots,
+                                      *scales)
     assert torch.equal(fused.view(m, hq, d), q)
     assert torch.equal(caches[2].view(torch.uint8), caches[0].view(torch.uint8))
     assert torch.equal(caches[3].view(torch.uint8), caches[1].view(torch.uint8))

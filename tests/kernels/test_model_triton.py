@@ -25,23 +25,43 @@ def test_triton_path_matches_reference(llm):
     assert again.outputs[0].token_ids == again_ref.outputs[0].token_ids
 
 
+def _save_tiny_llama(path, layers: int, std: float | None = 0.1) -> None:
+    """A small HF Llama checkpoint; `std` redraws its matrices so logits are well separated
+    (bf16 rounding must not flip a greedy choice), None keeps transformers' init."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=8,
+                      num_key_value_heads=2, vocab_size=1000, max_position_embeddings=2048)
+    model = LlamaForCausalLM(cfg)
+    if std is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.normal_(0, std)
+    model.save_pretrained(path)
+
+
+def _assert_same_greedy(refs, gots) -> None:
+    """Equal greedy tokens; where bf16 rounding in two different kernels flips a near-tie, the
+    two candidates must be within rounding of each other, and the rest is not compared."""
+    for ref, got in zip(refs, gots):
+        for i, (a, b) in enumerate(zip(ref.token_ids, got.token_ids)):
+            if a != b:
+                top = ref.logprobs[i]
+                assert b in top and abs(top[a].logprob - top[b].logprob) < 0.05, (i, a, b, top)
+                break
+
+
 @pytest.mark.gpu
 def test_gpu_kernels_and_cuda_graphs_match_reference(tmp_path):
     """bf16 on the GPU: Triton kernels + decode CUDA graphs vs the eager torch path."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from kiln import LLM
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
-                      num_key_value_heads=2, vocab_size=1000, max_position_embeddings=2048)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.1)  # well-separated logits: bf16 rounding must not flip a greedy choice
-    model.save_pretrained(tmp_path)
+    _save_tiny_llama(tmp_path, layers=4)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (1, 7, 40, 300, 17)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
@@ -52,14 +72,7 @@ def test_gpu_kernels_and_cuda_graphs_match_reference(tmp_path):
             assert bool(llm.executor.engine.graphs) == (name == "triton")
             outs[name] = [o.outputs[0] for o in llm.generate(prompts, params)]
             del llm
-    for ref, got in zip(outs["torch"], outs["triton"]):
-        # Equal greedy tokens; where bf16 rounding in two different kernels flips a near-tie,
-        # the two candidates must be within rounding of each other, and the rest is not compared.
-        for i, (a, b) in enumerate(zip(ref.token_ids, got.token_ids)):
-            if a != b:
-                top = ref.logprobs[i]
-                assert b in top and abs(top[a].logprob - top[b].logprob) < 0.05, (i, a, b, top)
-                break
+    _assert_same_greedy(outs["torch"], outs["triton"])
 
 
 @pytest.mark.gpu
@@ -68,16 +81,12 @@ def test_programmatic_dependent_launch_changes_nothing(tmp_path):
     they compute without it: a tiny model's decode through CUDA graphs, and a chain of int4
     GEMVs and norms replayed from a graph."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from kiln import LLM
     from kiln.kernels import quant, quant_triton
     from kiln.kernels.norm import rms_norm
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=8,
-                      num_key_value_heads=2, vocab_size=1000, max_position_embeddings=2048)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    _save_tiny_llama(tmp_path, layers=3, std=None)
     prompts = [[1, 2, 3], list(range(5, 300))]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=3)
     w = [quant.quantize_int4(torch.randn(4096, 4096, device="cuda") * 0.02, 128) for _ in range(4)]
@@ -117,20 +126,11 @@ def test_gpu_int4_engine_matches_reference(tmp_path, monkeypatch):
     """int4-awq on the GPU (GEMVs with the fused SwiGLU at 1-3 rows, the int8 LM head, tensor
     cores past that) against the torch references on the same engine."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from kiln import LLM
 
     monkeypatch.setenv("KILN_ENGINE_CACHE", str(tmp_path / "engines"))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=8,
-                      num_key_value_heads=2, vocab_size=1000, max_position_embeddings=2048)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.1)
-    model.save_pretrained(tmp_path / "ckpt")
+    _save_tiny_llama(tmp_path / "ckpt", layers=3)
     gen = torch.Generator().manual_seed(1)
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
     outs = {}
@@ -142,9 +142,4 @@ def test_gpu_int4_engine_matches_reference(tmp_path, monkeypatch):
             # One request alone (1-row GEMVs), three (3 rows), then all five (tensor cores).
             outs[name] = [o.outputs[0] for n in (1, 3, 5) for o in llm.generate(prompts[:n], params)]
             del llm
-    for ref, got in zip(outs["torch"], outs["triton"]):
-        for i, (a, b) in enumerate(zip(ref.token_ids, got.token_ids)):
-            if a != b:
-                top = ref.logprobs[i]
-                assert b in top and abs(top[a].logprob - top[b].logprob) < 0.05, (i, a, b, top)
-                break
+    _assert_same_greedy(outs["torch"], outs["triton"])
