@@ -85,7 +85,7 @@ class LLM:
         """Resolve `model`; build (or reuse) a cached engine for a checkpoint path."""
         cfg = self.config
         q = cfg.quant
-        wants_build = q.mode != "none" or q.kv_cache_dtype == "fp8" or cfg.parallel.world_size > 1
+        wants_build = q.quantizes() or cfg.parallel.world_size > 1
         if model is None and not wants_build:
             return None
         source = resolve_model(model)

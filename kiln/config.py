@@ -159,6 +159,10 @@ class QuantConfig:
         if self.lm_head not in ("auto", "none", "int8-wo"):
             raise ValueError(f"lm_head must be auto, none or int8-wo; got {self.lm_head!r}")
 
+    def quantizes(self) -> bool:
+        """Whether a checkpoint's weights or KV cache need quantizing (a build) under these settings."""
+        return self.mode != "none" or self.kv_cache_dtype == "fp8" or self.lm_head_quant() != "none"
+
     def lm_head_quant(self) -> str:
         """How the LM head is stored: `lm_head` with auto resolved."""
         if self.lm_head == "auto":

@@ -101,8 +101,7 @@ class KilnReplica:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         engine = cfg.engine
         q = engine.quant
-        if not engine.random_weights and (q.mode != "none" or q.kv_cache_dtype == "fp8"
-                                          or engine.parallel.world_size > 1):
+        if not engine.random_weights and (q.quantizes() or engine.parallel.world_size > 1):
             # A checkpoint to quantize or split: build (or reuse) the engine directory first.
             from kiln.workers.builder import cached_engine
 

@@ -71,7 +71,7 @@ def _capability(index: int) -> tuple[int, int]:
 
 
 def pdl_launch(t: torch.Tensor) -> dict:
-    """Launch keywords for a kernel that takes `PDL: tl.constexpr` (see kernels_triton.pdl_wait):
+    """Launch keywords for a kernel that takes `PDL: tl.constexpr` (see pdl_triton.pdl_wait):
     empty where programmatic dependent launch is off or unsupported (CPU, the interpreter, pre-Hopper)."""
     if not (_PDL and t.is_cuda and _capability(t.device.index or 0)[0] >= 9):
         return {}

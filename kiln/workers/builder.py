@@ -171,7 +171,7 @@ class Builder:
             if q.mode == "int4-awq" and source.quant_block and source.quant_block < q.group_size:
                 # The checkpoint is already block-quantized: keep its blocks, so nothing is lost twice.
                 q = dataclasses.replace(q, group_size=source.quant_block)
-            if q.mode != "none" or q.kv_cache_dtype == "fp8" or q.lm_head != "none":
+            if q.quantizes():
                 tokens = calibration_tokens(source.tokenizer, mc.vocab_size, q.calibration_tokens,
                                             use_text=source.weights is not None)
                 group = quantize_model(full, q.mode, q.kv_cache_dtype == "fp8", q.group_size, tokens, dtype, device,

@@ -101,7 +101,7 @@ class Engine:
             with torch.device(self.device):
                 self.model = LlamaForCausalLM(mc, self.ctx, self.dtype, self.device, self.max_model_len)
             self.model.load_weights(source.weights())
-            if quant.mode != "none" or quant.kv_cache_dtype == "fp8" or quant.lm_head_quant() != "none":
+            if quant.quantizes():
                 if self.ctx.world_size > 1:
                     raise ValueError("quantizing a checkpoint needs a build: kiln build CHECKPOINT -o DIR "
                                      "--quant ... (LLM(checkpoint, quant=...) does this for you)")
