@@ -26,7 +26,6 @@ from kiln.kernels.rope_triton import kv_cache_value, rotate
 INT4_GEMV_MAX_M = 3
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU (benchmarks/quant_gemm.py --sweep, H100);
 # BLOCK_K = 1024 * num_warps gives each thread 4 words (one 16-byte load) of every row.
-# `tiles_for` picks per weight shape; TILES is the default (wide N, K up to ~8k).
 TILES = (4, 2048, 2, 1)
 INTERPRETER_TILES = (8, 256, 1, 1)
 # 256.0f and 16.0f, passed as arguments so they sit in registers (mask-and-or is then one LOP3).
@@ -157,32 +156,30 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_str
 def _int4_qkv_rope_kernel(x_ptr, w_ptr, s_ptr, z_ptr, q_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr, K,
                           x_stride, w_stride, s_stride, q_stride, cs_stride, inv_k_scale, inv_v_scale,
                           magic_even, magic_odd, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-                          KV_FP8: tl.constexpr, PDL: tl.constexpr = False):
+                          BLOCK_K: tl.constexpr, GROUP: tl.constexpr, KV_FP8: tl.constexpr,
+                          PDL: tl.constexpr = False):
     """The int4 QKV GEMV with RoPE and the KV-cache write in its epilogue (one token per row of
-    x), as rope_triton.rope_and_cache does after the plain GEMV. A program takes BLOCK_N weight
-    rows: BLOCK_N/2 rotation pairs (i, i + D/2) of one q or k head, or BLOCK_N rows of v. q is
-    written rotated to q_ptr; k (rotated) and v go to the cache at the token's slot (none for
-    slot -1)."""
+    x), as rope_triton.rope_and_cache does after the plain GEMV. A program takes 4 weight rows:
+    two rotation pairs (i, i + D/2) of one q or k head, or 4 rows of v. q is written rotated to
+    q_ptr; k (rotated) and v go to the cache at the token's slot (none for slot -1)."""
     HALF: tl.constexpr = D // 2
-    P: tl.constexpr = BLOCK_N // 2  # rotation pairs per program
-    PAIR_PROGRAMS: tl.constexpr = (HQ + HKV) * HALF // P
+    PAIR_PROGRAMS: tl.constexpr = (HQ + HKV) * HALF // 2
     t = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
-    r = tl.arange(0, BLOCK_N)
-    head = pid * P // HALF
-    if pid < PAIR_PROGRAMS:  # rows a0, b0, a1, b1, ...: pairs i, i + 1, ... of one head
-        offs_n = head * D + (pid * P) % HALF + r // 2 + (r % 2) * HALF
+    r = tl.arange(0, 4)
+    head = pid * 2 // HALF
+    if pid < PAIR_PROGRAMS:  # rows a0, b0, a1, b1: pairs i and i + 1 of one head
+        offs_n = head * D + (pid * 2) % HALF + r // 2 + (r % 2) * HALF
     else:
-        offs_n = (HQ + HKV) * D + (pid - PAIR_PROGRAMS) * BLOCK_N + r
+        offs_n = (HQ + HKV) * D + (pid - PAIR_PROGRAMS) * 4 + r
     out = _int4_gemv_rows(x_ptr + t * x_stride, w_ptr, s_ptr, z_ptr, offs_n, offs_n >= 0, K, w_stride, s_stride,
-                          magic_even, magic_odd, BLOCK_N, BLOCK_K, GROUP, PDL)
+                          magic_even, magic_odd, 4, BLOCK_K, GROUP, PDL)
     y = out.to(q_ptr.dtype.element_ty)  # rounded as the GEMV's output
     slot = tl.load(slot_ptr + t)
     row = slot * (HKV * D)
     if pid < PAIR_PROGRAMS:
-        a, b = tl.split(tl.reshape(y, (P, 2)))
-        i = (pid * P) % HALF + tl.arange(0, P)
+        a, b = tl.split(tl.reshape(y, (2, 2)))
+        i = (pid * 2) % HALF + tl.arange(0, 2)
         pos = tl.load(pos_ptr + t)
         ra, rb = rotate(a, b, tl.load(cs_ptr + pos * cs_stride + i), tl.load(cs_ptr + pos * cs_stride + HALF + i))
         ra = ra.to(q_ptr.dtype.element_ty)
@@ -195,7 +192,7 @@ def _int4_qkv_rope_kernel(x_ptr, w_ptr, s_ptr, z_ptr, q_ptr, pos_ptr, cs_ptr, kc
             tl.store(kc_ptr + c, kv_cache_value(ra, inv_k_scale, KV_FP8).to(kc_ptr.dtype.element_ty))
             tl.store(kc_ptr + c + HALF, kv_cache_value(rb, inv_k_scale, KV_FP8).to(kc_ptr.dtype.element_ty))
     elif slot >= 0:
-        c = row + (pid - PAIR_PROGRAMS) * BLOCK_N + r
+        c = row + (pid - PAIR_PROGRAMS) * 4 + r
         tl.store(vc_ptr + c, kv_cache_value(y, inv_v_scale, KV_FP8).to(vc_ptr.dtype.element_ty))
 
 
@@ -213,19 +210,6 @@ def block_k_for(block_k: int, K: int, group: int) -> int:
     return per * group
 
 
-def tiles_for(N: int, K: int) -> tuple[int, int, int, int]:
-    """The GPU tiles for an [N, K] weight. Per layer shape at one row on the H100
-    (benchmarks/results/quant-gemm-shapes-h100.json, us): with long K (Llama-8B's down, 14336)
-    one-warp programs win (13.9 against 14.8 for TILES): twice the programs, so each SM has
-    more loads in flight; with few rows (qkv, o) 8 rows per program win (qkv 5.0 against 6.5):
-    a quarter of the programs fit in fewer waves. Wide N (gate/up) keeps TILES."""
-    if K >= 8192:
-        return 4, 1024, 1, 1
-    if N <= 8192:
-        return 8, 2048, 2, 1
-    return TILES
-
-
 def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int,
          tiles: tuple[int, int, int, int] | None = None, up_offset: int | None = None) -> torch.Tensor:
     """x [M <= INT4_GEMV_MAX_M, K] @ dequant(w)^T; `tiles` overrides TILES (for sweeps). With
@@ -235,9 +219,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
     N = w.shape[0]
     if M > INT4_GEMV_MAX_M:
         raise ValueError(f"the int4 GEMV takes up to {INT4_GEMV_MAX_M} rows of x, got {M}")
-    if tiles is None:
-        tiles = tiles_for(N, K) if x.is_cuda else INTERPRETER_TILES
-    block_n, block_k, warps, stages = tiles
+    block_n, block_k, warps, stages = tiles or (TILES if x.is_cuda else INTERPRETER_TILES)
     block_k = block_k_for(block_k, K, group)
     n_out = N if up_offset is None else up_offset
     out = torch.empty(M, n_out, dtype=x.dtype, device=x.device)
@@ -252,26 +234,21 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
 def qkv_rope(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, heads: int,
                   kv_heads: int, head_dim: int, positions: torch.Tensor, cos_sin: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float,
-                  v_scale: float, tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                  v_scale: float) -> torch.Tensor:
     """q (rotated) [M, heads * head_dim] from an int4 [q | k | v] weight, with k (rotated) and v
     written to the cache: the GEMV and rope_triton.rope_and_cache in one kernel, for up to
-    INT4_GEMV_MAX_M tokens. `tiles` overrides tiles_for (for tests and sweeps)."""
+    INT4_GEMV_MAX_M tokens."""
     M, K = x.shape
     group = w.shape[1] * 8 // scales.shape[1]
-    if tiles is None:
-        tiles = tiles_for(w.shape[0], K) if x.is_cuda else (4, 256, 1, 1)
-    block_n, block_k, warps, stages = tiles
-    if head_dim % block_n:  # a program's BLOCK_N/2 pairs lie within one head's half
-        block_n = 4
     if M > INT4_GEMV_MAX_M or head_dim % 4:
-        raise ValueError(f"the fused int4 QKV GEMV takes up to {INT4_GEMV_MAX_M} rows and head_dim % 4 == 0, "
-                         f"got {M} rows and head_dim {head_dim}")
+        raise ValueError(f"the fused int4 QKV GEMV takes up to {INT4_GEMV_MAX_M} rows and head_dim % 4 == 0")
+    _, block_k, warps, stages = TILES if x.is_cuda else (4, 256, 1, 1)
     block_k = block_k_for(block_k, K, group)
     q = torch.empty(M, heads * head_dim, dtype=x.dtype, device=x.device)
-    programs = (heads + 2 * kv_heads) * head_dim // block_n
+    programs = (heads + kv_heads) * head_dim // 4 + kv_heads * head_dim // 4
     _int4_qkv_rope_kernel[(M, programs)](
         x, w, scales, mins, q, positions, cos_sin, k_cache, v_cache, slot_mapping, K, x.stride(0), w.stride(0),
         scales.stride(0), q.stride(0), cos_sin.stride(0), 1.0 / k_scale, 1.0 / v_scale, MAGIC_EVEN, MAGIC_ODD,
-        HQ=heads, HKV=kv_heads, D=head_dim, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group,
+        HQ=heads, HKV=kv_heads, D=head_dim, BLOCK_K=block_k, GROUP=group,
         KV_FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=warps, num_stages=stages, **backend.pdl_launch(x))
     return q

@@ -408,15 +408,13 @@ def test_int4_gemv_swiglu_matches_unfused(m, n, k, dtype):
     assert rel_err(fused, silu_and_mul(plain)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("m, hq, hkv, d, k, kv_fp8, block_n", [
-    (1, 2, 1, 32, 256, False, 4), (2, 2, 1, 32, 128, True, 4), (2, 2, 1, 32, 256, True, 8),
-    (1, 2, 1, 4, 256, False, 8),  # head_dim 4: 8-row programs would straddle heads, 4 rows run
-    pytest.param(1, 32, 8, 128, 4096, False, None, marks=pytest.mark.gpu),
-    pytest.param(2, 32, 8, 128, 4096, True, None, marks=pytest.mark.gpu)])
-def test_int4_qkv_rope_matches_unfused(m, hq, hkv, d, k, kv_fp8, block_n):
+@pytest.mark.parametrize("m, hq, hkv, d, k, kv_fp8", [
+    (1, 2, 1, 32, 256, False), (2, 2, 1, 32, 128, True),
+    pytest.param(1, 32, 8, 128, 4096, False, marks=pytest.mark.gpu),
+    pytest.param(2, 32, 8, 128, 4096, True, marks=pytest.mark.gpu)])
+def test_int4_qkv_rope_matches_unfused(m, hq, hkv, d, k, kv_fp8):
     """The QKV GEMV with RoPE and the cache write in its epilogue equals the GEMV followed by
-    rope_and_cache: the same q, the same cache bytes (a -1 slot writes nothing), with 4 and 8
-    weight rows (2 and 4 rotation pairs) per program."""
+    rope_and_cache: the same q, the same cache bytes (a -1 slot writes nothing)."""
     from kiln.kernels import int4_gemv_triton, quant, quant_triton, rope_triton
     from kiln.kernels.rope import rope_cos_sin
 
@@ -435,9 +433,8 @@ def test_int4_qkv_rope_matches_unfused(m, hq, hkv, d, k, kv_fp8, block_n):
     q = q.contiguous().view(m, hq, d)
     rope_triton.rope_and_cache(q, kk.contiguous().view(m, hkv, d), v.contiguous().view(m, hkv, d), positions, cos_sin,
                                caches[0], caches[1], slots, *scales)
-    tiles = None if block_n is None else (block_n, 256, 1, 1)
     fused = int4_gemv_triton.qkv_rope(x, p, sc, mn, hq, hkv, d, positions, cos_sin, caches[2], caches[3], slots,
-                                      *scales, tiles=tiles)
+                                      *scales)
     assert torch.equal(fused.view(m, hq, d), q)
     assert torch.equal(caches[2].view(torch.uint8), caches[0].view(torch.uint8))
     assert torch.equal(caches[3].view(torch.uint8), caches[1].view(torch.uint8))
