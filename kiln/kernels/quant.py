@@ -99,13 +99,19 @@ def fp8_linear(x: torch.Tensor | Fp8Activation, q: torch.Tensor, scale: torch.Te
     return y + bias if bias is not None else y
 
 
-def check_fp8_supported(device: torch.device) -> None:
+def check_fp8_supported(device: torch.device, what: str = "quant 'fp8'",
+                        instead: str = "Use --quant int8-wo or int4-awq") -> None:
+    """A clear error where `what` would meet e4m3 on a GPU without it (Triton cannot even compile
+    e4m3 before compute capability 8.9)."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if (major, minor) < (8, 9):
-            raise ValueError(f"quant 'fp8' needs a GPU with FP8 tensor cores (compute capability >= 8.9, e.g. "
-                             f"H100, L4, RTX 4090); {torch.cuda.get_device_name(device)} is {major}.{minor}. "
-                             "Use --quant int8-wo or int4-awq")
+            raise ValueError(f"{what} needs a GPU with FP8 (compute capability >= 8.9, e.g. H100, L4, RTX 4090); "
+                             f"{torch.cuda.get_device_name(device)} is {major}.{minor}. {instead}")
+
+
+def check_fp8_kv_cache_supported(device: torch.device) -> None:
+    check_fp8_supported(device, "kv_cache_dtype 'fp8'", "Use --kv-cache-dtype auto")
 
 
 # -- int8 weight-only --------------------------------------------------------------

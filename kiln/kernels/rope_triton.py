@@ -24,10 +24,14 @@ def rotate(x1, x2, cos, sin):
 
 @triton.jit
 def kv_cache_value(x, inv_scale, FP8: tl.constexpr):
-    """x as a KV cache of FP8 stores it before the cast: scaled into e4m3's range (else x)."""
+    """x as a KV cache of FP8 stores it before the cast: scaled into e4m3's range (else x).
+    One return: the compiler (not the interpreter) rejects returns of different types, even
+    under a constexpr condition."""
     if FP8:
-        return tl.clamp(x.to(tl.float32) * inv_scale, -448.0, 448.0)
-    return x
+        y = tl.clamp(x.to(tl.float32) * inv_scale, -448.0, 448.0)
+    else:
+        y = x
+    return y
 
 
 @triton.jit

@@ -161,6 +161,8 @@ def quantize_model(model, mode: str, kv_fp8: bool, group: int, tokens: list[int]
     Returns the int4 group size used (smaller than asked when the layer widths need it)."""
     if mode == "fp8":
         qk.check_fp8_supported(device)
+    if kv_fp8:
+        qk.check_fp8_kv_cache_supported(device)
     if mode == "int4-awq":
         group = pick_group(input_widths(model), group)
     if lm_head != "none" and model.lm_head is not None:

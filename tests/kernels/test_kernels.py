@@ -4,6 +4,8 @@ On CPU the kernels run in Triton's interpreter at small shapes (fp32/fp16:
 the interpreter has no bf16); with CUDA, the `gpu` tests run real shapes in
 bf16. Outputs are poisoned first, so an unwritten element fails the check.
 """
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -438,3 +440,40 @@ def test_int4_qkv_rope_matches_unfused(m, hq, hkv, d, k, kv_fp8):
     assert torch.equal(fused.view(m, hq, d), q)
     assert torch.equal(caches[2].view(torch.uint8), caches[0].view(torch.uint8))
     assert torch.equal(caches[3].view(torch.uint8), caches[1].view(torch.uint8))
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_kernels_compile_for_gpus(arch):
+    """Every kernel variant compiles for Hopper (PDL, FP8) and Ampere: the interpreter, which
+    runs the other tests here, skips Triton's compiler and its type checks (see compile_check)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    import triton
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this triton has no ptxas to compile with")
+    assert importlib.util.find_spec("tests.kernels.compile_check")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-m", "tests.kernels.compile_check", str(arch)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("ok  ") >= (20 if arch >= 89 else 12), proc.stdout
+
+
+
+def test_fp8_refused_before_compute_capability_8_9(monkeypatch):
+    """e4m3 weights or KV cache on an A100 get a clear error, not a Triton compile failure."""
+    from kiln.kernels.quant import check_fp8_kv_cache_supported, check_fp8_supported
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    gpu = torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"kv_cache_dtype 'fp8'.*A100-SXM4-80GB is 8\.0.*--kv-cache-dtype auto"):
+        check_fp8_kv_cache_supported(gpu)
+    with pytest.raises(ValueError, match=r"quant 'fp8'.*--quant int8-wo"):
+        check_fp8_supported(gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_fp8_kv_cache_supported(gpu)
+    check_fp8_supported(gpu)
