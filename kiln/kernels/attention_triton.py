@@ -3,11 +3,9 @@
 Decode (one query token per sequence): a program owns one (sequence, KV head,
 split) and computes all the query heads that share that KV head, so each
 cached K/V byte is read once. Long contexts with few sequences are cut into
-splits (flash-decoding) whose partial results are merged by log-sum-exp in
-the same kernel: the last split of a (sequence, KV head) to finish, found by
-an atomic counter, merges them (at batch 1 a second merge kernel per layer cost
-about as much as the merge itself: its launch). The split count depends only
-on the batch shape, so a captured CUDA graph stays valid for any context length.
+splits (flash-decoding) whose partial results a second kernel merges by
+log-sum-exp. The split count depends only on the batch shape, so a captured
+CUDA graph stays valid for any context length.
 
 Prefill/extend: a program owns a tile of one sequence's new query rows for one
 head, and walks that sequence's cached keys (prefix and the new chunk)
@@ -42,7 +40,7 @@ def _num_sms(device_index: int) -> int:
 
 
 @triton.jit
-def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, out_ptr, mid_o_ptr, mid_lse_ptr, count_ptr,
+def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
                    q_stride, bt_stride, tok_stride, block_stride, out_stride, num_splits, scale_log2, out_scale,
                    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                    PAGE: tl.constexpr, DIRECT: tl.constexpr, F16: tl.constexpr = False, PDL: tl.constexpr = False):
@@ -89,32 +87,29 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, out_ptr, mid_o_ptr, 
     else:
         # Partial result and its log2-sum-exp; an empty split has lse = -inf and weighs nothing.
         lse = tl.where(l_i > 0, m_i + tl.math.log2(safe_l), float("-inf"))
-        base = (b * (G * tl.num_programs(1)) + heads) * num_splits  # split 0 of each head
-        tl.store(mid_o_ptr + (base + s)[:, None] * D + d[None, :], o, mask=mask_g[:, None])
-        tl.store(mid_lse_ptr + base + s, lse, mask=mask_g)
-        # Every thread's stores precede the count (barrier, then a release); the last split to
-        # count (acquire) merges, reading the others' partials from L2 (.cg), and puts the
-        # counter back to 0 for the next launch.
-        tl.debug_barrier()
-        counter = count_ptr + b * tl.num_programs(1) + kvh
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-            tl.store(counter, 0)
-            top = tl.full([BLOCK_G], float("-inf"), tl.float32)
-            for i in range(num_splits):
-                top = tl.maximum(top, tl.load(mid_lse_ptr + base + i, mask=mask_g, other=float("-inf"),
-                                              cache_modifier=".cg"))
-            top = tl.where(top == float("-inf"), 0.0, top)  # all splits empty (a padding row): zeros
-            total = tl.zeros([BLOCK_G], tl.float32)
-            res = tl.zeros([BLOCK_G, D], tl.float32)
-            for i in range(num_splits):
-                w = tl.math.exp2(tl.load(mid_lse_ptr + base + i, mask=mask_g, other=float("-inf"),
-                                         cache_modifier=".cg") - top)
-                res += w[:, None] * tl.load(mid_o_ptr + (base + i)[:, None] * D + d[None, :], mask=mask_g[:, None],
-                                            other=0.0, cache_modifier=".cg")
-                total += w
-            res = res / tl.where(total > 0, total, 1.0)[:, None]
-            tl.store(out_ptr + b * out_stride + heads[:, None] * D + d[None, :], res.to(out_ptr.dtype.element_ty),
-                     mask=mask_g[:, None])
+        base = (b * (G * tl.num_programs(1)) + heads) * num_splits + s
+        tl.store(mid_o_ptr + base[:, None] * D + d[None, :], o, mask=mask_g[:, None])
+        tl.store(mid_lse_ptr + base, lse, mask=mask_g)
+
+
+@triton.jit
+def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, out_stride, num_splits,
+                          D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_wait(PDL)
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    hq = tl.num_programs(1)
+    sp = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, D)
+    base = (b * hq + h) * num_splits
+    lse = tl.load(mid_lse_ptr + base + sp, mask=sp < num_splits, other=float("-inf"))
+    top = tl.max(lse, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.math.exp2(lse - top)
+    o = tl.load(mid_o_ptr + (base + sp)[:, None] * D + d[None, :], mask=(sp < num_splits)[:, None], other=0.0)
+    total = tl.sum(w, 0)
+    res = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + b * out_stride + h * D + d, res.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -221,30 +216,15 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                   F16=k_cache.element_size() == 1, **backend.pdl_launch(q))
     args = (q.stride(0), block_tables.stride(0), k_cache.stride(1), k_cache.stride(0), out.stride(0))
     if splits == 1:
-        _decode_kernel[(B, HKV, 1)](q, k_cache, v_cache, block_tables, seq_lens, out, out, out, seq_lens, *args, 1,
+        _decode_kernel[(B, HKV, 1)](q, k_cache, v_cache, block_tables, seq_lens, out, out, out, *args, 1,
                                     scale * k_scale * _LOG2E, v_scale, DIRECT=True, **common)
         return
     mid_o = torch.empty(B, HQ, splits, D, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(B, HQ, splits, dtype=torch.float32, device=q.device)
-    _decode_kernel[(B, HKV, splits)](q, k_cache, v_cache, block_tables, seq_lens, out, mid_o, mid_lse,
-                                     split_counters(B * HKV, q.device), *args, splits, scale * k_scale * _LOG2E,
-                                     v_scale, DIRECT=False, **common)
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []  # outgrown counters stay allocated: captured graphs may point at them
-
-
-def split_counters(n: int, device: torch.device) -> torch.Tensor:
-    """n zeroed int32 counters on `device` for the decode kernel's splits, shared by every call:
-    the kernel leaves them at zero, so nothing resets them between launches (or graph replays).
-    One decode kernel at a time per device uses them, as the executor runs one step at a time."""
-    have = _COUNTERS.get(device)
-    if have is None or have.numel() < n:
-        if have is not None:
-            _RETIRED.append(have)
-        _COUNTERS[device] = have = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
-    return have
+    _decode_kernel[(B, HKV, splits)](q, k_cache, v_cache, block_tables, seq_lens, out, mid_o, mid_lse, *args,
+                                     splits, scale * k_scale * _LOG2E, v_scale, DIRECT=False, **common)
+    _decode_reduce_kernel[(B, HQ)](mid_o, mid_lse, out, out.stride(0), splits, D=D,
+                                   BLOCK_S=triton.next_power_of_2(splits), num_warps=4, **backend.pdl_launch(q))
 
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
