@@ -1,9 +1,12 @@
 """silu(gate) * up over the fused [gate | up] projection output (Triton).
 
 With fp8 the result is also quantized per token for the fp8 down projection
-(as quant.quantize_fp8_per_token does from the rounded result): one program
-per row finds the row's amax in a first pass and writes e4m3 codes in a
-second, instead of writing bf16 that a quantization kernel reads back.
+(as quant.quantize_fp8_per_token does from the rounded result), instead of
+writing bf16 that a quantization kernel reads back: one program per row holds
+the whole row in registers (up to ONE_PASS_MAX_COLS), finds its amax and
+writes e4m3 codes; wider rows take two passes (amax, then codes). Two passes
+over Llama-8B's 14336 columns cost 20 us per 256 rows on the H100, twice the
+bf16 kernel: 7 dependent chunk loads each, at 2 programs per SM.
 """
 from __future__ import annotations
 
@@ -36,11 +39,22 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, x_stride, out_stride, BLOCK: tl
     tl.store(out_ptr + row * out_stride + cols, _swiglu(x_ptr + row * x_stride, cols, mask, n_cols), mask=mask)
 
 
+ONE_PASS_MAX_COLS = 16384  # 32 gate + 32 up values per thread at 16 warps
+
+
 @triton.jit
 def _silu_and_mul_fp8_kernel(x_ptr, out_ptr, scale_ptr, n_cols, x_stride, out_stride, BLOCK: tl.constexpr,
-                             PDL: tl.constexpr = False):
+                             ONE_PASS: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
+    if ONE_PASS:  # BLOCK covers the row
+        cols = tl.arange(0, BLOCK)
+        y = _swiglu(x_ptr + row * x_stride, cols, cols < n_cols, n_cols).to(tl.float32)
+        scale = fp8_scale(tl.max(tl.abs(y), axis=0))
+        tl.store(out_ptr + row * out_stride + cols, fp8_codes(y, scale).to(out_ptr.dtype.element_ty),
+                 mask=cols < n_cols)
+        tl.store(scale_ptr + row, scale)
+        return
     amax = tl.zeros([BLOCK], dtype=tl.float32)
     for c0 in range(0, n_cols, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
@@ -62,8 +76,11 @@ def silu_and_mul(x: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Activa
     if rows:
         assert x.stride(-1) == 1
         if fp8:
-            _silu_and_mul_fp8_kernel[(rows,)](x, out, scale, width, x.stride(0), out.stride(0), BLOCK=2048,
-                                              num_warps=8, **backend.pdl_launch(x))
+            one_pass = triton.next_power_of_2(width) <= ONE_PASS_MAX_COLS
+            block = triton.next_power_of_2(width) if one_pass else 2048
+            _silu_and_mul_fp8_kernel[(rows,)](x, out, scale, width, x.stride(0), out.stride(0), BLOCK=block,
+                                              ONE_PASS=one_pass, num_warps=16 if block > 4096 else 8,
+                                              **backend.pdl_launch(x))
         else:
             block = min(triton.next_power_of_2(width), 2048)
             _silu_and_mul_kernel[(rows, triton.cdiv(width, block))](x, out, width, x.stride(0), out.stride(0),

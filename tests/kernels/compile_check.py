@@ -108,6 +108,8 @@ def launches(pdl: bool) -> dict:
         "add + rms_norm fp8 out": lambda: norm_triton.fused_add_rms_norm(x, res, nw, 1e-5, fp8=True),
         "silu_and_mul": lambda: activation_triton.silu_and_mul(x),
         "silu_and_mul fp8 out": lambda: activation_triton.silu_and_mul(x, fp8=True),
+        "silu_and_mul fp8 out, two passes": lambda: activation_triton.silu_and_mul(
+            torch.randn(1, 2 * (activation_triton.ONE_PASS_MAX_COLS + 64), dtype=BF16), fp8=True),
         "rope + cache bf16": lambda: rope(BF16),
         "rope + cache fp8": lambda: rope(FP8),
         "decode, one split": lambda: attention(BF16, True, False),
