@@ -9,10 +9,7 @@ torch: the pure-torch reference path, eager) it measures
   * batch-1 decode ms/token: one request, time between its first and last
     output token divided by the tokens in between, against the floor of
     reading every weight once per token (weight bytes / copy bandwidth).
-Each setting runs in its own process so it gets the whole GPU. --pdl compares
-programmatic dependent launch settings (Hopper):
-
-    python benchmarks/throughput.py --name pdl-h100 --kernels triton --pdl default off all
+Each setting runs in its own process so it gets the whole GPU.
 """
 from __future__ import annotations
 
@@ -26,9 +23,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 COPY_TBS = 3.02
-
-
-PDL_MODES = {"default": {}, "off": {"KILN_PDL": "0"}, "all": {"KILN_PDL_MAX_ROWS": str(1 << 30)}}
 
 
 def measure(args, random_weights: bool = True) -> dict:
@@ -104,9 +98,6 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    ap.add_argument("--pdl", nargs="+", default=["default"], choices=list(PDL_MODES),
-                    help="programmatic dependent launch: default (launches of <= KILN_PDL_MAX_ROWS rows), "
-                         "off, all (every launch)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -116,18 +107,16 @@ def main() -> None:
     from benchmarks.common import write_result
 
     figures = {}
-    for k, layout, pdl in [(k, lay, p) for lay in args.layouts for k in args.kernels for p in args.pdl]:
+    for k, layout in [(k, lay) for lay in args.layouts for k in args.kernels]:
         tp, pp = map(int, layout.split("x"))
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--model", args.model, "--requests",
                str(args.requests), "--decode-tokens", str(args.decode_tokens), "--max-model-len",
                str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens",
                str(args.max_num_batched_tokens), "--tp", str(tp), "--pp", str(pp), "--device", args.device,
                "--workload", *args.workload]
-        env = dict(os.environ, KILN_KERNELS="auto" if k == "triton" else "torch", **PDL_MODES[pdl])
+        env = dict(os.environ, KILN_KERNELS="auto" if k == "triton" else "torch")
         if layout != "1x1":
             k = f"{k}-tp{tp}-pp{pp}"
-        if pdl != "default":
-            k = f"{k}-pdl-{pdl}"
         t = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)

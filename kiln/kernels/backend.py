@@ -70,16 +70,9 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-# PDL pays where kernels are short and launch gaps add up (decode); on prefill-sized launches
-# it cost ~15% of 2048-in/128-out throughput on the H100 (benchmarks/results/pdl-h100.json).
-PDL_MAX_ROWS = int(os.environ.get("KILN_PDL_MAX_ROWS", "256"))
-
-
 def pdl_launch(t: torch.Tensor) -> dict:
-    """Launch keywords for a kernel that takes `PDL: tl.constexpr` (see pdl_triton.pdl_wait), whose
-    rows (tokens or sequences) are t's first dimension: empty where programmatic dependent launch
-    is off or unsupported (CPU, the interpreter, pre-Hopper) or the launch has more than
-    PDL_MAX_ROWS rows."""
-    if not (_PDL and t.is_cuda and t.shape[0] <= PDL_MAX_ROWS and _capability(t.device.index or 0)[0] >= 9):
+    """Launch keywords for a kernel that takes `PDL: tl.constexpr` (see pdl_triton.pdl_wait):
+    empty where programmatic dependent launch is off or unsupported (CPU, the interpreter, pre-Hopper)."""
+    if not (_PDL and t.is_cuda and _capability(t.device.index or 0)[0] >= 9):
         return {}
     return {"PDL": True, "launch_pdl": True}
