@@ -39,7 +39,10 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-@triton.jit
+# Counts that change from step to step are not specialized on (Triton would compile a variant
+# for 1, for multiples of 16 and for the rest): a variant first met under load stalls every
+# request for the ~2 s it compiles (two such prefill variants cost a 2048/128 run 4 s on the H100).
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
                    q_stride, bt_stride, tok_stride, block_stride, out_stride, num_splits, scale_log2, out_scale,
                    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -92,7 +95,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, out_ptr, mid_o_ptr, 
         tl.store(mid_lse_ptr + base, lse, mask=mask_g)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, out_stride, num_splits,
                           D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
     pdl_wait(PDL)
@@ -142,7 +145,7 @@ def _prefill_tiles(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, lo, hi, q_pos, seq_
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, lens_ptr, cu_tiles_ptr, out_ptr,
                     num_seqs, q_stride, out_stride, bt_stride, tok_stride, block_stride, scale_log2, out_scale,
                     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,

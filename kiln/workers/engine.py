@@ -328,8 +328,12 @@ class Engine:
         """Compile the eager (mixed decode + prefill) step's kernel variants now, not during the
         first requests: a first mixed step otherwise stalls every request for seconds."""
         bs, t0 = self.block_size, time.perf_counter()
-        # Mixed steps, and a prompt alone (a fresh server's first step: its own variants).
-        for batch in ([(40, 1)] * 2 + [(300, 300), (24, 24)], [(40, 1)] * 48 + [(24, 24)], [(5, 5)]):
+        # Mixed steps (long and short prompt chunks), a prompt alone (a fresh server's first step),
+        # and a long-context decode beside a prompt (split-KV decode with its merge kernel).
+        for batch in ([(40, 1)] * 2 + [(300, 300), (24, 24)], [(40, 1)] * 48 + [(24, 24)], [(5, 5)],
+                      [(1100, 1), (5, 5)]):
+            if max(n_ctx for n_ctx, _ in batch) > self.max_model_len:
+                continue
             entries, nxt = [], 0
             for n_ctx, n_new in batch:
                 nb = -(-n_ctx // bs)
