@@ -40,8 +40,10 @@ def _num_sms(device_index: int) -> int:
 
 
 # Counts that change from step to step are not specialized on (Triton would compile a variant
-# for 1, for multiples of 16 and for the rest): a variant first met under load stalls every
-# request for the ~2 s it compiles (two such prefill variants cost a 2048/128 run 4 s on the H100).
+# for 1, for multiples of 16 and for the rest), nor is the 16-byte alignment of the prefill rows'
+# slices of seq_lens and block_tables (it follows the number of decode rows before them): a
+# variant first met under load stalls every request for the ~2 s it compiles (two such prefill
+# variants cost a 2048/128 run 4 s on the H100).
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
                    q_stride, bt_stride, tok_stride, block_stride, out_stride, num_splits, scale_log2, out_scale,
@@ -145,7 +147,7 @@ def _prefill_tiles(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, lo, hi, q_pos, seq_
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["num_seqs"])
+@triton.jit(do_not_specialize=["num_seqs", "lens_ptr", "bt_ptr"])
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, lens_ptr, cu_tiles_ptr, out_ptr,
                     num_seqs, q_stride, out_stride, bt_stride, tok_stride, block_stride, scale_log2, out_scale,
                     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
