@@ -24,7 +24,9 @@ from kiln.kernels.int4_gemv_triton import INT4_GEMV_MAX_M, check_group
 from kiln.kernels.pdl_triton import pdl_wait
 
 
-@triton.jit(do_not_specialize=["M", "k_per_split"])  # they change with the batch (see attention_triton)
+# M changes with the batch (see attention_triton); k_per_split must stay specialized: without
+# its divisibility by 16 the K loop loses its 16-byte async copies (PTX: 24 cp.async -> 0).
+@triton.jit(do_not_specialize=["M"])
 def _woq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride, s_stride, out_stride,
                 k_per_split, BITS: tl.constexpr, FP8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
