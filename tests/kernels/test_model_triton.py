@@ -143,3 +143,23 @@ def test_gpu_int4_engine_matches_reference(tmp_path, monkeypatch):
             outs[name] = [o.outputs[0] for n in (1, 3, 5) for o in llm.generate(prompts[:n], params)]
             del llm
     _assert_same_greedy(outs["torch"], outs["triton"])
+
+
+@pytest.mark.gpu
+def test_no_kernel_compiles_once_started(tmp_path, monkeypatch):
+    """After the engine's start-up warm-up, steps of any mix (prompts of many lengths, chunked,
+    beside decodes of short and long contexts) compile no Triton kernel: a compile met under load
+    stalls every running request for seconds (the engine's _warmup; the kernels' do_not_specialize)."""
+    from kiln import LLM
+
+    cache = tmp_path / "triton-cache"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    _save_tiny_llama(tmp_path / "m", layers=2)
+    llm = LLM(str(tmp_path / "m"), dtype="bfloat16", max_model_len=2048, max_num_seqs=64,
+              max_num_batched_tokens=512)
+    started = set(cache.rglob("*.json"))
+    lengths = [3, 17, 40, 300, 700, 1500, 5, 64, 250, 1100, 1, 33]
+    prompts = [[1 + (i * 7 + j) % 900 for j in range(n)] for i, n in enumerate(lengths * 3)]
+    llm.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True), use_tqdm=False)
+    llm.generate(prompts[5:6], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+    assert set(cache.rglob("*.json")) - started == set()
