@@ -155,7 +155,7 @@ def test_no_kernel_compiles_once_started(tmp_path, monkeypatch):
     cache = tmp_path / "triton-cache"
     monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
     _save_tiny_llama(tmp_path / "m", layers=2)
-    llm = LLM(str(tmp_path / "m"), dtype="bfloat16", max_model_len=2048, max_num_seqs=64,
+    llm = LLM(str(tmp_path / "m"), kv_cache_bytes=1 << 28, max_model_len=2048, max_num_seqs=64,
               max_num_batched_tokens=512)
     started = set(cache.rglob("*.json"))
     lengths = [3, 17, 40, 300, 700, 1500, 5, 64, 250, 1100, 1, 33]
