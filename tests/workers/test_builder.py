@@ -73,7 +73,10 @@ def test_unquantized_engine_matches_checkpoint(engines, baseline):
 # int8-wo (rounded to nearest) +0.8%, int4-awq +0.0% (+0.16% with its default int8 LM head), the FP8 KV cache +0.8%, fp8 W8A8 with
 # GPTQ +1.5% -- over the 1% asked for (plain rounding: +6.3%; weights alone +4.4%).
 # On this 135M model fp8 moves by +-1.5% between equally principled calibrations (on the
-# calibration text itself GPTQ gives +5.3%), so its bound leaves room for that.
+# calibration text itself GPTQ gives +5.3%; starting the calibration 256, 512 or 1024 tokens
+# later gives +4.0%, +2.7%, +2.7% where the default gives +1.5%), so its bound leaves room for
+# that. Leaving the two most sensitive linears unquantized (down_proj of the first and last
+# layers, 1.7% of the weights) lowers every one of those four, but only the default reaches 1%.
 @pytest.mark.parametrize("name, bound", [("int8-wo", 0.01), ("int4-awq", 0.05), ("fp8", 0.02), ("kv-fp8", 0.01)])
 def test_quantized_perplexity(engines, baseline, name, bound):
     llm = LLM(engines[name], device="cpu")
