@@ -76,8 +76,9 @@ def silu_and_mul(x: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Activa
     if rows:
         assert x.stride(-1) == 1
         if fp8:
-            one_pass = triton.next_power_of_2(width) <= ONE_PASS_MAX_COLS
-            block = triton.next_power_of_2(width) if one_pass else 2048
+            block = triton.next_power_of_2(width)
+            one_pass = block <= ONE_PASS_MAX_COLS
+            block = block if one_pass else 2048
             _silu_and_mul_fp8_kernel[(rows,)](x, out, scale, width, x.stride(0), out.stride(0), BLOCK=block,
                                               ONE_PASS=one_pass, num_warps=16 if block > 4096 else 8,
                                               **backend.pdl_launch(x))

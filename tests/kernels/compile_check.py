@@ -60,6 +60,7 @@ def launches(pdl: bool) -> dict:
     with "fp8" need e4m3, which kiln refuses before compute capability 8.9."""
     from kiln.kernels import (activation_triton, attention_triton, backend, int4_gemv_triton, norm_triton,
                               quant, quant_triton, rope_triton)
+    from kiln.kernels.attention import AttentionMetadata
     from kiln.kernels.rope import rope_cos_sin
 
     # The wrappers only ask for PDL on CUDA tensors; these are CPU tensors standing in for them.
@@ -79,7 +80,6 @@ def launches(pdl: bool) -> dict:
         q_lens, ctx = ([1, 1], [900 if long else 20, 5]) if decode_only else ([1, 9], [20, 4])
         seq_lens = [a + b for a, b in zip(q_lens, ctx)]
         kc = torch.zeros(64, 16, 2, 64, dtype=cache_dtype)
-        from kiln.kernels.attention import AttentionMetadata
         meta = AttentionMetadata(slot_mapping=torch.zeros(sum(q_lens), dtype=torch.int64),
                                  query_start_loc=torch.tensor([0, q_lens[0], sum(q_lens)], dtype=torch.int32),
                                  seq_lens=torch.tensor(seq_lens, dtype=torch.int32),

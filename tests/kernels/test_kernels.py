@@ -463,7 +463,6 @@ def test_kernels_compile_for_gpus(arch):
     assert proc.stdout.count("ok  ") >= (20 if arch >= 89 else 12), proc.stdout
 
 
-
 def test_fp8_refused_before_compute_capability_8_9(monkeypatch):
     """e4m3 weights or KV cache on an A100 get a clear error, not a Triton compile failure."""
     from kiln.kernels.quant import check_fp8_kv_cache_supported, check_fp8_supported
