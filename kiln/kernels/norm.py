@@ -42,18 +42,19 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 # -- RMSNorm split around int4 decode GEMVs (kiln/kernels/int4_gemv_triton.py) ------------
 # A norm's sum of squares and h * w come out of the GEMV before it (quant.int4_add_norm) and
 # its scale goes into the GEMV after it. These two start the chain (the embedding's norm) and
-# end it (the final norm). `sums` is [slots, M] fp64: slot 0 for the first norm, the rest
-# zeroed for the GEMVs to add into.
+# end it (the final norm). `sums` is [norms, M, quant.NORM_SUM_SLOTS] fp64: each row's partial
+# sums of squares for each norm of the chain; the first norm's are set, the rest zeroed for the
+# GEMVs to add into.
 
 def rms_norm_begin_ref(h: torch.Tensor, weight: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
     sums.zero_()
-    sums[0] = h.float().pow(2).sum(-1).double()
+    sums[0, :, 0] = h.float().pow(2).sum(-1).double()
     return h * weight
 
 
 def rms_norm_end_ref(x: torch.Tensor, sums: torch.Tensor, eps: float) -> torch.Tensor:
-    """x (= h * w) scaled by rsqrt(mean(h^2) + eps), sums [M] holding sum(h^2) per row."""
-    rstd = torch.rsqrt(sums.float() / x.shape[-1] + eps)
+    """x (= h * w) scaled by rsqrt(mean(h^2) + eps), sums [M, slots] adding up to sum(h^2) per row."""
+    rstd = torch.rsqrt(sums.sum(-1).float() / x.shape[-1] + eps)
     return (x.float() * rstd[:, None]).to(x.dtype)
 
 

@@ -173,11 +173,12 @@ def int4_linear_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
 
 def int4_add_norm_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                       residual: torch.Tensor, norm_weight: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
-    """residual += x W^T (in place), sums [M] (fp64) += sum(residual^2) per row; returns
-    residual * norm_weight: the first half of the RMSNorm after this linear. The linear after the
-    norm finishes it by scaling its product by rsqrt(sums / K + eps) (norm.rms_norm_end_ref)."""
+    """residual += x W^T (in place), sum(residual^2) per row added to the row's partial sums
+    (sums [M, NORM_SUM_SLOTS] fp64); returns residual * norm_weight: the first half of the
+    RMSNorm after this linear. The linear after the norm finishes it by scaling its product by
+    rsqrt(sum / K + eps) (norm.rms_norm_end_ref)."""
     residual.add_(int4_linear_ref(x, packed, scales, mins, None))
-    sums += residual.float().pow(2).sum(-1).double()
+    sums[:, 0] += residual.float().pow(2).sum(-1).double()
     return residual * norm_weight
 
 
@@ -185,7 +186,7 @@ def _rms_scaled_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                     rms_sum: torch.Tensor, eps: float) -> torch.Tensor:
     """x W^T for x = h * w of an unfinished RMSNorm, scaled by its rsqrt(mean(h^2) + eps)."""
     y = F.linear(x.float(), dequantize_int4(packed, scales, mins, torch.float32))
-    return (y * torch.rsqrt(rms_sum.float() / x.shape[-1] + eps)[:, None]).to(x.dtype)
+    return (y * torch.rsqrt(rms_sum.sum(-1).float() / x.shape[-1] + eps)[:, None]).to(x.dtype)
 
 
 def int4_swiglu_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, up_offset: int,
@@ -237,6 +238,11 @@ def _int4_gemv(x: torch.Tensor):
         return None
     from kiln.kernels import int4_gemv_triton
     return int4_gemv_triton if x.shape[0] <= int4_gemv_triton.INT4_GEMV_MAX_M else None
+
+
+# Partial sums of squares per row of an RMSNorm carried by int4 GEMVs: the ~1000 programs of
+# the GEMV before the norm add into these in turn rather than into one address.
+NORM_SUM_SLOTS = 32
 
 
 def int4_norms_fuse(x: torch.Tensor) -> bool:

@@ -96,7 +96,7 @@ def launches(pdl: bool) -> dict:
     s8 = torch.rand(64, dtype=torch.float32)
     wqkv, sqkv, mqkv = quant.quantize_int4(torch.randn((4 + 2 * 2) * 64, 256), 128)
 
-    sums = torch.zeros(5, 3, dtype=torch.float64)  # an RMSNorm carried by the int4 GEMVs
+    sums = torch.zeros(5, 3, quant.NORM_SUM_SLOTS, dtype=torch.float64)  # an RMSNorm carried by the int4 GEMVs
 
     def qkv_rope(cache_dtype, rms_sum=None):
         kc, vc = torch.zeros(4, 8, 2, 64, dtype=cache_dtype), torch.zeros(4, 8, 2, 64, dtype=cache_dtype)

@@ -17,7 +17,8 @@ from kiln.config import ModelConfig
 from kiln.kernels.activation import silu_and_mul
 from kiln.kernels.attention import AttentionMetadata, paged_attention
 from kiln.kernels.norm import fused_add_rms_norm, rms_norm, rms_norm_begin, rms_norm_end
-from kiln.kernels.quant import Fp8Activation, int4_add_norm, int4_norms_fuse, int4_qkv_rope, int4_swiglu
+from kiln.kernels.quant import (NORM_SUM_SLOTS, Fp8Activation, int4_add_norm, int4_norms_fuse, int4_qkv_rope,
+                                int4_swiglu)
 from kiln.kernels.rope import rope_cos_sin, rope_and_cache
 from kiln.workers.models.layers import (MergedColumnLinear, ParallelLMHead, RowParallelLinear,
                                         VocabParallelEmbedding, _copy)
@@ -239,7 +240,8 @@ class LlamaForCausalLM(nn.Module):
         sum of squares and h * w come from the GEMV before it (which also adds the residual), its
         scale is applied by the GEMV after it. Batch-1 decode is ~8 small kernels per layer, and
         this removes two of them (kiln/kernels/int4_gemv_triton.py)."""
-        sums = torch.empty(2 * len(self.layers) + 1, h.shape[0], dtype=torch.float64, device=h.device)
+        sums = torch.empty(2 * len(self.layers) + 1, h.shape[0], NORM_SUM_SLOTS, dtype=torch.float64,
+                           device=h.device)
         x = rms_norm_begin(h, self.layers[0].input_layernorm, sums)
         for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
             nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
