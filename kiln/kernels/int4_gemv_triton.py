@@ -9,12 +9,8 @@ A nibble becomes a float by masking it into the mantissa of 256.0f or 16.0f (no 
 convert, no scaling of x), two nibbles per shift. A few rows of x: one program per (row,
 tile), neighbours in the grid, so all but the first read the tile from L2.
 
-Epilogues save kernels at small-batch decode: SwiGLU for [gate | up] (`gemv` with
-`up_offset`), RoPE with the KV-cache write for [q | k | v] (`qkv_rope`), and RMSNorm split
-across a pair of GEMVs (`gemv` with `add_norm` / `rms_sum`): the GEMV before a norm adds its
-output to the residual stream and hands on h * w (the norm's weight) and sum(h^2); the GEMV
-after it scales its result by rsqrt(mean(h^2) + eps), which commutes with the product. The norm
-kernels between the layers' GEMVs go (kiln/workers/models/llama.py, int4 decode).
+Two epilogues each save a kernel at small-batch decode: SwiGLU for [gate | up] (`gemv` with
+`up_offset`), and RoPE with the KV-cache write for [q | k | v] (`qkv_rope`).
 """
 from __future__ import annotations
 
@@ -90,11 +86,8 @@ def _int4_tile(acc, packed, x_ptr, kw, xw, s_ptr, z_ptr, s_rows, mask_n, magic_e
 
 @triton.jit
 def _int4_gemv_rows(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, K, w_stride, s_stride, magic_even, magic_odd,
-                    pre_ptrs, pre_mask, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-                    PRE: tl.constexpr, PDL: tl.constexpr):
-    """(fp32 x . w for the BLOCK_N weight rows offs_n (see _int4_gemv_kernel), and what PRE loads
-    from pre_ptrs: the epilogue's inputs from earlier kernels, fetched before the loop so their
-    latency hides behind it instead of adding to a kernel that runs as one wave)."""
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr):
+    """fp32 x . w for the BLOCK_N weight rows offs_n (see _int4_gemv_kernel)."""
     C: tl.constexpr = BLOCK_K // 32  # chunks of 4 words per tile
     WG: tl.constexpr = GROUP // 8
     W: tl.constexpr = BLOCK_K // 8
@@ -111,9 +104,6 @@ def _int4_gemv_rows(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, K, w_stride, s_s
     zero = tl.zeros([BLOCK_N, W], dtype=tl.int32)  # a whole-tile (scalar) condition keeps 16-byte loads
     a = tl.load(w_rows, mask=mask_n[:, None], other=0)  # weights: no need to wait for x
     pdl_wait(PDL)
-    pre = 0.0
-    if PRE:
-        pre = tl.load(pre_ptrs, mask=pre_mask, other=0.0)
     for kw in range(0, KW, 2 * W):
         b = tl.load(w_rows + (kw + W), mask=mask_n[:, None] & (zero + (kw + W) < KW), other=0)
         acc = _int4_tile(acc, a, x_ptr, kw, xw, s_ptr, z_ptr, s_rows, mask_n, magic_even, magic_odd, BLOCK_N, C, WG)
@@ -121,21 +111,13 @@ def _int4_gemv_rows(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, K, w_stride, s_s
         if kw + W < KW:
             acc = _int4_tile(acc, b, x_ptr, kw + W, xw, s_ptr, z_ptr, s_rows, mask_n, magic_even, magic_odd,
                              BLOCK_N, C, WG)
-    return tl.sum(acc, axis=1), pre
+    return tl.sum(acc, axis=1)
 
 
 @triton.jit
-def _rstd(partials, K, eps):
-    """1 / rms of a row from the partial sums of squares the ADD_NORM epilogue left (fp64)."""
-    return tl.rsqrt(tl.sum(partials, axis=0).to(tl.float32) / K + eps)
-
-
-@triton.jit
-def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, nw_ptr, sum_ptr, N, K, x_stride, w_stride,
-                      s_stride, out_stride, res_stride, eps, magic_even, magic_odd, up_offset, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, GROUP: tl.constexpr, SWIGLU: tl.constexpr = False,
-                      ADD_NORM: tl.constexpr = False, RSTD: tl.constexpr = False, SLOTS: tl.constexpr = 1,
-                      PDL: tl.constexpr = False):
+def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_stride, s_stride, out_stride,
+                      magic_even, magic_odd, up_offset, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+                      SWIGLU: tl.constexpr = False, PDL: tl.constexpr = False):
     """One row of x against [BLOCK_N, K] of plane-major int4 W. Each thread holds all BLOCK_N
     rows of a chunk of 4 consecutive words (one 16-byte load per row, inside one group), so x
     is loaded and widened once for all rows, and the chunk's 32 products per row go into one
@@ -145,13 +127,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, nw_ptr, sum_
     SWIGLU: W is [gate | up] (up from row `up_offset`), the program's rows are gate and up rows
     of the same BLOCK_N/2 outputs, interleaved, and it writes silu(gate) * up (N outputs).
     A few rows of x: one program per (row, tile), the rows of a tile next to each other in the
-    grid, so all but the first read the tile from L2.
-    RSTD: the product is scaled by rsqrt(sum(sum_ptr[row, :]) / K + eps) before rounding (x was
-    h * w). ADD_NORM: the rounded product is added to the residual row (in place), out gets
-    h * nw, and one of the row's SLOTS partial sums (fp64, zeroed beforehand) gains this
-    program's sum of h^2: SLOTS addresses take the atomics of a thousand programs that all end
-    at once (one address costs ~1 us), and fp64 sums of fp32 partials are exact enough that
-    their order does not show in the fp32 result."""
+    grid, so all but the first read the tile from L2."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     x_ptr += pid_m * x_stride
@@ -164,44 +140,28 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, nw_ptr, sum_
     else:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-    sum_row = sum_ptr + pid_m * SLOTS
-    if ADD_NORM:  # (the norm weight is a constant: no need to wait for it)
-        res = res_ptr + pid_m * res_stride + offs_n
-        nw = tl.load(nw_ptr + offs_n, mask=mask_n, other=0.0)
-        pre_ptrs, pre_mask = res, mask_n
-    else:
-        pre_ptrs, pre_mask = sum_row + tl.arange(0, SLOTS), tl.arange(0, SLOTS) < SLOTS
-    out, pre = _int4_gemv_rows(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, K, w_stride, s_stride, magic_even,
-                               magic_odd, pre_ptrs, pre_mask, BLOCK_N, BLOCK_K, GROUP, ADD_NORM or RSTD, PDL)
-    if RSTD:
-        out = out * _rstd(pre, K, eps)
+    out = _int4_gemv_rows(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, K, w_stride, s_stride, magic_even, magic_odd,
+                          BLOCK_N, BLOCK_K, GROUP, PDL)
     if SWIGLU:  # rounded as the unfused path: the product in x's dtype, silu of the rounded gate
         gate, up = tl.split(tl.reshape(out.to(out_ptr.dtype.element_ty), (BLOCK_N // 2, 2)))
         gate = gate.to(tl.float32)
         y = (gate * tl.sigmoid(gate)).to(up.dtype) * up
         o = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         tl.store(out_ptr + o, y, mask=o < N)
-    elif ADD_NORM:  # rounded as the unfused path: the product, then residual.add_(product)
-        h = (out.to(res_ptr.dtype.element_ty).to(tl.float32) + pre.to(tl.float32)).to(res_ptr.dtype.element_ty)
-        tl.store(res, h, mask=mask_n)
-        tl.store(out_ptr + offs_n, h * nw, mask=mask_n)
-        hf = h.to(tl.float32)
-        tl.atomic_add(sum_row + pid_n % SLOTS, tl.sum(tl.where(mask_n, hf * hf, 0.0), axis=0).to(tl.float64))
     else:
         tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
-def _int4_qkv_rope_kernel(x_ptr, w_ptr, s_ptr, z_ptr, q_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr, sum_ptr, K,
-                          x_stride, w_stride, s_stride, q_stride, cs_stride, inv_k_scale, inv_v_scale, eps,
+def _int4_qkv_rope_kernel(x_ptr, w_ptr, s_ptr, z_ptr, q_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr, K,
+                          x_stride, w_stride, s_stride, q_stride, cs_stride, inv_k_scale, inv_v_scale,
                           magic_even, magic_odd, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                           BLOCK_K: tl.constexpr, GROUP: tl.constexpr, KV_FP8: tl.constexpr,
-                          RSTD: tl.constexpr = False, SLOTS: tl.constexpr = 1, PDL: tl.constexpr = False):
+                          PDL: tl.constexpr = False):
     """The int4 QKV GEMV with RoPE and the KV-cache write in its epilogue (one token per row of
     x), as rope_triton.rope_and_cache does after the plain GEMV. A program takes 4 weight rows:
     two rotation pairs (i, i + D/2) of one q or k head, or 4 rows of v. q is written rotated to
-    q_ptr; k (rotated) and v go to the cache at the token's slot (none for slot -1). RSTD: as
-    in _int4_gemv_kernel (x was h * w of the norm before this GEMV)."""
+    q_ptr; k (rotated) and v go to the cache at the token's slot (none for slot -1)."""
     HALF: tl.constexpr = D // 2
     PAIR_PROGRAMS: tl.constexpr = (HQ + HKV) * HALF // 2
     t = tl.program_id(0).to(tl.int64)
@@ -212,12 +172,8 @@ def _int4_qkv_rope_kernel(x_ptr, w_ptr, s_ptr, z_ptr, q_ptr, pos_ptr, cs_ptr, kc
         offs_n = head * D + (pid * 2) % HALF + r // 2 + (r % 2) * HALF
     else:
         offs_n = (HQ + HKV) * D + (pid - PAIR_PROGRAMS) * 4 + r
-    slots = tl.arange(0, SLOTS)
-    out, pre = _int4_gemv_rows(x_ptr + t * x_stride, w_ptr, s_ptr, z_ptr, offs_n, offs_n >= 0, K, w_stride,
-                               s_stride, magic_even, magic_odd, sum_ptr + t * SLOTS + slots, slots < SLOTS, 4, BLOCK_K,
-                               GROUP, RSTD, PDL)
-    if RSTD:
-        out = out * _rstd(pre, K, eps)
+    out = _int4_gemv_rows(x_ptr + t * x_stride, w_ptr, s_ptr, z_ptr, offs_n, offs_n >= 0, K, w_stride, s_stride,
+                          magic_even, magic_odd, 4, BLOCK_K, GROUP, PDL)
     y = out.to(q_ptr.dtype.element_ty)  # rounded as the GEMV's output
     slot = tl.load(slot_ptr + t)
     row = slot * (HKV * D)
@@ -255,18 +211,10 @@ def block_k_for(block_k: int, K: int, group: int) -> int:
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int,
-         tiles: tuple[int, int, int, int] | None = None, up_offset: int | None = None,
-         rms_sum: torch.Tensor | None = None, eps: float = 0.0,
-         add_norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+         tiles: tuple[int, int, int, int] | None = None, up_offset: int | None = None) -> torch.Tensor:
     """x [M <= INT4_GEMV_MAX_M, K] @ dequant(w)^T; `tiles` overrides TILES (for sweeps). With
     `up_offset`: w is [gate | up] with up from that row, and the result is silu(gate) * up
-    ([M, up_offset]), as activation.silu_and_mul of the plain product.
-    `rms_sum` [M, slots] (fp64): x is h * w of an RMSNorm whose rows' sums of squares are these
-    partials' sums, and the product is scaled by rsqrt(sum / K + eps) (the norm finished after
-    the GEMV). `add_norm` (residual [M, N], norm weight [N], sums [M, slots] fp64 zeroed):
-    residual += product (in place), sum(residual^2) is added over the row's partial sums, and
-    the result is residual * norm weight: the first half of the next RMSNorm (see
-    quant.int4_add_norm_ref)."""
+    ([M, up_offset]), as activation.silu_and_mul of the plain product."""
     M, K = x.shape
     N = w.shape[0]
     if M > INT4_GEMV_MAX_M:
@@ -276,28 +224,20 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
     n_out = N if up_offset is None else up_offset
     out = torch.empty(M, n_out, dtype=x.dtype, device=x.device)
     per_program = block_n if up_offset is None else block_n // 2
-    residual, norm_weight, sums = add_norm if add_norm is not None else (out, out, rms_sum)
-    if add_norm is not None and (up_offset is not None or rms_sum is not None):
-        raise ValueError("add_norm takes neither up_offset nor rms_sum")
-    slots = sums.shape[-1] if sums is not None else 1
-    if sums is not None and not (sums.is_contiguous() and sums.shape == (M, slots) and slots & (slots - 1) == 0):
-        raise ValueError(f"the norm sums must be a contiguous [M, slots] tensor, slots a power of two; got "
-                         f"{tuple(sums.shape)}")
     _int4_gemv_kernel[(M, triton.cdiv(n_out, per_program))](
-        x, w, scales, mins, out, residual, norm_weight, sums if sums is not None else out, n_out, K, x.stride(0),
-        w.stride(0), scales.stride(0), out.stride(0), residual.stride(0), eps, MAGIC_EVEN, MAGIC_ODD, up_offset or 0,
-        BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group, SWIGLU=up_offset is not None, ADD_NORM=add_norm is not None,
-        RSTD=rms_sum is not None, SLOTS=slots, num_warps=warps, num_stages=stages, **backend.pdl_launch(x))
+        x, w, scales, mins, out, n_out, K, x.stride(0), w.stride(0), scales.stride(0), out.stride(0),
+        MAGIC_EVEN, MAGIC_ODD, up_offset or 0, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group,
+        SWIGLU=up_offset is not None, num_warps=warps, num_stages=stages, **backend.pdl_launch(x))
     return out
 
 
 def qkv_rope(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, heads: int,
                   kv_heads: int, head_dim: int, positions: torch.Tensor, cos_sin: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float,
-                  v_scale: float, rms_sum: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+                  v_scale: float) -> torch.Tensor:
     """q (rotated) [M, heads * head_dim] from an int4 [q | k | v] weight, with k (rotated) and v
     written to the cache: the GEMV and rope_triton.rope_and_cache in one kernel, for up to
-    INT4_GEMV_MAX_M tokens. `rms_sum`, `eps`: as in `gemv`."""
+    INT4_GEMV_MAX_M tokens."""
     M, K = x.shape
     group = w.shape[1] * 8 // scales.shape[1]
     if M > INT4_GEMV_MAX_M or head_dim % 4:
@@ -307,10 +247,8 @@ def qkv_rope(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch
     q = torch.empty(M, heads * head_dim, dtype=x.dtype, device=x.device)
     programs = (heads + kv_heads) * head_dim // 4 + kv_heads * head_dim // 4
     _int4_qkv_rope_kernel[(M, programs)](
-        x, w, scales, mins, q, positions, cos_sin, k_cache, v_cache, slot_mapping, rms_sum if rms_sum is not None else q,
-        K, x.stride(0), w.stride(0), scales.stride(0), q.stride(0), cos_sin.stride(0), 1.0 / k_scale, 1.0 / v_scale,
-        eps, MAGIC_EVEN, MAGIC_ODD, HQ=heads, HKV=kv_heads, D=head_dim, BLOCK_K=block_k, GROUP=group,
-        KV_FP8=k_cache.dtype == torch.float8_e4m3fn, RSTD=rms_sum is not None,
-        SLOTS=rms_sum.shape[-1] if rms_sum is not None else 1, num_warps=warps, num_stages=stages,
-        **backend.pdl_launch(x))
+        x, w, scales, mins, q, positions, cos_sin, k_cache, v_cache, slot_mapping, K, x.stride(0), w.stride(0),
+        scales.stride(0), q.stride(0), cos_sin.stride(0), 1.0 / k_scale, 1.0 / v_scale, MAGIC_EVEN, MAGIC_ODD,
+        HQ=heads, HKV=kv_heads, D=head_dim, BLOCK_K=block_k, GROUP=group,
+        KV_FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=warps, num_stages=stages, **backend.pdl_launch(x))
     return q

@@ -37,36 +37,3 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
         return norm_triton.fused_add_rms_norm(x, residual, weight, eps, fp8)
     y, residual = fused_add_rms_norm_ref(x, residual, weight, eps)
     return (fp8_activation_ref(y) if fp8 else y), residual
-
-
-# -- RMSNorm split around int4 decode GEMVs (kiln/kernels/int4_gemv_triton.py) ------------
-# A norm's sum of squares and h * w come out of the GEMV before it (quant.int4_add_norm) and
-# its scale goes into the GEMV after it. These two start the chain (the embedding's norm) and
-# end it (the final norm). `sums` is [norms, M, quant.NORM_SUM_SLOTS] fp64: each row's partial
-# sums of squares for each norm of the chain; the first norm's are set, the rest zeroed for the
-# GEMVs to add into.
-
-def rms_norm_begin_ref(h: torch.Tensor, weight: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
-    sums.zero_()
-    sums[0, :, 0] = h.float().pow(2).sum(-1).double()
-    return h * weight
-
-
-def rms_norm_end_ref(x: torch.Tensor, sums: torch.Tensor, eps: float) -> torch.Tensor:
-    """x (= h * w) scaled by rsqrt(mean(h^2) + eps), sums [M, slots] adding up to sum(h^2) per row."""
-    rstd = torch.rsqrt(sums.sum(-1).float() / x.shape[-1] + eps)
-    return (x.float() * rstd[:, None]).to(x.dtype)
-
-
-def rms_norm_begin(h: torch.Tensor, weight: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
-    if backend.use_triton(h):
-        from kiln.kernels import norm_triton
-        return norm_triton.rms_norm_begin(h, weight, sums)
-    return rms_norm_begin_ref(h, weight, sums)
-
-
-def rms_norm_end(x: torch.Tensor, sums: torch.Tensor, eps: float) -> torch.Tensor:
-    if backend.use_triton(x):
-        from kiln.kernels import norm_triton
-        return norm_triton.rms_norm_end(x, sums, eps)
-    return rms_norm_end_ref(x, sums, eps)

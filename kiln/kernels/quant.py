@@ -171,47 +171,6 @@ def int4_linear_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
     return F.linear(x, dequantize_int4(packed, scales, mins, x.dtype), bias)
 
 
-def int4_add_norm_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                      residual: torch.Tensor, norm_weight: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
-    """residual += x W^T (in place), sum(residual^2) per row added to the row's partial sums
-    (sums [M, NORM_SUM_SLOTS] fp64); returns residual * norm_weight: the first half of the
-    RMSNorm after this linear. The linear after the norm finishes it by scaling its product by
-    rsqrt(sum / K + eps) (norm.rms_norm_end_ref)."""
-    residual.add_(int4_linear_ref(x, packed, scales, mins, None))
-    sums[:, 0] += residual.float().pow(2).sum(-1).double()
-    return residual * norm_weight
-
-
-def _rms_scaled_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                    rms_sum: torch.Tensor, eps: float) -> torch.Tensor:
-    """x W^T for x = h * w of an unfinished RMSNorm, scaled by its rsqrt(mean(h^2) + eps)."""
-    y = F.linear(x.float(), dequantize_int4(packed, scales, mins, torch.float32))
-    return (y * torch.rsqrt(rms_sum.sum(-1).float() / x.shape[-1] + eps)[:, None]).to(x.dtype)
-
-
-def int4_swiglu_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, up_offset: int,
-                    rms_sum: torch.Tensor, eps: float) -> torch.Tensor:
-    """int4_swiglu with `rms_sum` in torch."""
-    y = _rms_scaled_ref(x, packed, scales, mins, rms_sum, eps)
-    gate, up = y[:, :up_offset], y[:, up_offset:]
-    return F.silu(gate.float()).to(x.dtype) * up
-
-
-def int4_qkv_rope_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, heads: int,
-                      kv_heads: int, head_dim: int, positions: torch.Tensor, cos_sin: torch.Tensor,
-                      k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float,
-                      v_scale: float, rms_sum: torch.Tensor, eps: float) -> torch.Tensor:
-    """int4_qkv_rope with `rms_sum` in torch."""
-    from kiln.kernels.rope import rope_and_cache_ref
-
-    T = x.shape[0]
-    q, k, v = _rms_scaled_ref(x, packed, scales, mins, rms_sum, eps).split(
-        [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    q, k, v = (t.contiguous().view(T, -1, head_dim) for t in (q, k, v))
-    rope_and_cache_ref(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-    return q.view(T, -1)
-
-
 # -- dispatch ------------------------------------------------------------------------
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -240,54 +199,28 @@ def _int4_gemv(x: torch.Tensor):
     return int4_gemv_triton if x.shape[0] <= int4_gemv_triton.INT4_GEMV_MAX_M else None
 
 
-# Partial sums of squares per row of an RMSNorm carried by int4 GEMVs: the ~1000 programs of
-# the GEMV before the norm add into these in turn rather than into one address.
-NORM_SUM_SLOTS = 32
-
-
-def int4_norms_fuse(x: torch.Tensor) -> bool:
-    """Whether the int4 GEMV kernels run for x and can carry the RMSNorms between them
-    (int4_add_norm, and `rms_sum` of int4_swiglu / int4_qkv_rope). Not fp16: h * w, the norm's
-    input before it is scaled down, could overflow it."""
-    return _int4_gemv(x) is not None and x.dtype in (torch.bfloat16, torch.float32) and x.shape[0] > 0
-
-
-def int4_add_norm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                  residual: torch.Tensor, norm_weight: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
-    """int4_add_norm_ref in the GEMV's epilogue where int4_norms_fuse(x) holds."""
-    if not int4_norms_fuse(x):
-        return int4_add_norm_ref(x, packed, scales, mins, residual, norm_weight, sums)
-    return _int4_gemv(x).gemv(x.contiguous(), packed, scales, mins, packed.shape[1] * 8 // scales.shape[1],
-                              add_norm=(residual, norm_weight, sums))
-
-
 def int4_swiglu(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                up_offset: int, rms_sum: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor | None:
+                up_offset: int) -> torch.Tensor | None:
     """silu(gate) * up for an int4 [gate | up] weight (up from row `up_offset`) in the GEMV's own
-    epilogue, saving the SwiGLU kernel where the GEMV runs; else None. `rms_sum`: x is h * w of
-    an unfinished RMSNorm (see int4_add_norm) whose scale the GEMV applies."""
+    epilogue, saving the SwiGLU kernel where the GEMV runs; else None."""
     kernels = _int4_gemv(x)
     if kernels is None:
-        return None if rms_sum is None else int4_swiglu_ref(x, packed, scales, mins, up_offset, rms_sum, eps)
+        return None
     return kernels.gemv(x.contiguous(), packed, scales, mins, packed.shape[1] * 8 // scales.shape[1],
-                        up_offset=up_offset, rms_sum=rms_sum, eps=eps)
+                        up_offset=up_offset)
 
 
 def int4_qkv_rope(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, heads: int,
                   kv_heads: int, head_dim: int, positions: torch.Tensor, cos_sin: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float,
-                  v_scale: float, rms_sum: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor | None:
+                  v_scale: float) -> torch.Tensor | None:
     """q with RoPE applied, k and v in the cache, from an int4 [q | k | v] weight in one GEMV whose
-    epilogue does what rope.rope_and_cache does, where that kernel runs; else None. `rms_sum`:
-    as in int4_swiglu."""
+    epilogue does what rope.rope_and_cache does, where that kernel runs; else None."""
     kernels = _int4_gemv(x)
     if kernels is None:
-        if rms_sum is None:
-            return None
-        return int4_qkv_rope_ref(x, packed, scales, mins, heads, kv_heads, head_dim, positions, cos_sin, k_cache,
-                                 v_cache, slot_mapping, k_scale, v_scale, rms_sum, eps)
+        return None
     return kernels.qkv_rope(x.contiguous(), packed, scales, mins, heads, kv_heads, head_dim, positions, cos_sin,
-                            k_cache, v_cache, slot_mapping, k_scale, v_scale, rms_sum, eps)
+                            k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 # -- the FP8 KV cache ----------------------------------------------------------------

@@ -96,12 +96,10 @@ def launches(pdl: bool) -> dict:
     s8 = torch.rand(64, dtype=torch.float32)
     wqkv, sqkv, mqkv = quant.quantize_int4(torch.randn((4 + 2 * 2) * 64, 256), 128)
 
-    sums = torch.zeros(5, 3, quant.NORM_SUM_SLOTS, dtype=torch.float64)  # an RMSNorm carried by the int4 GEMVs
-
-    def qkv_rope(cache_dtype, rms_sum=None):
+    def qkv_rope(cache_dtype):
         kc, vc = torch.zeros(4, 8, 2, 64, dtype=cache_dtype), torch.zeros(4, 8, 2, 64, dtype=cache_dtype)
         int4_gemv_triton.qkv_rope(x[:2], wqkv, sqkv.to(BF16), mqkv.to(BF16), 4, 2, 64, pos, cs, kc, vc, slots,
-                                  0.5, 0.5, rms_sum, 1e-5)
+                                  0.5, 0.5)
 
     return {
         "rms_norm": lambda: norm_triton.rms_norm(x, nw, 1e-5),
@@ -124,13 +122,6 @@ def launches(pdl: bool) -> dict:
         "int4 gemv + swiglu": lambda: int4_gemv_triton.gemv(x[:1], w4, s4, m4, 128, up_offset=32),
         "int4 qkv + rope, bf16 cache": lambda: qkv_rope(BF16),
         "int4 qkv + rope, fp8 cache": lambda: qkv_rope(FP8),
-        "int4 qkv + rope after a norm": lambda: qkv_rope(BF16, sums[0, :2]),
-        "int4 gemv + swiglu after a norm": lambda: int4_gemv_triton.gemv(x[:1], w4, s4, m4, 128, up_offset=32,
-                                                                          rms_sum=sums[0, :1], eps=1e-5),
-        "int4 gemv + residual, norm begins": lambda: int4_gemv_triton.gemv(
-            x[:3], w4, s4, m4, 128, add_norm=(torch.randn(3, 64, dtype=BF16), nw[:64], sums[1])),
-        "rms_norm begin": lambda: norm_triton.rms_norm_begin(x, nw, sums),
-        "rms_norm end": lambda: norm_triton.rms_norm_end(x, sums[4], 1e-5),
         "int4 tensor cores": lambda: quant_triton.tensor_core_linear(x, w4, s4, m4, 4, 128),
         "int4 dequantize": lambda: quant_triton.dequantize_int4(w4, s4, m4, BF16, 128),
         "int8 gemv": lambda: quant_triton.gemv(x[:1], w8, s8, None, 8, 0),

@@ -443,59 +443,6 @@ def test_int4_qkv_rope_matches_unfused(m, hq, hkv, d, k, kv_fp8):
     assert torch.equal(caches[3].view(torch.uint8), caches[1].view(torch.uint8))
 
 
-@pytest.mark.parametrize("m, hidden, inter, dtype", [
-    (1, 256, 128, torch.float32), (3, 128, 64, torch.float32),
-    pytest.param(1, 4096, 14336, torch.bfloat16, marks=pytest.mark.gpu),
-    pytest.param(3, 4096, 14336, torch.bfloat16, marks=pytest.mark.gpu)])
-def test_int4_gemv_norm_epilogues_match_reference(m, hidden, inter, dtype):
-    """An RMSNorm carried by int4 GEMVs: the one before it adds the residual and hands on h * w
-    and sum(h^2) (sums in fp64), the ones after it (SwiGLU, QKV + RoPE) scale by the norm's
-    rsqrt; the chain's ends are norm.rms_norm_begin / rms_norm_end. Each against its reference."""
-    from kiln.kernels import int4_gemv_triton, norm, norm_triton, quant
-    from kiln.kernels.rope import rope_cos_sin
-
-    eps = 1e-5
-    tol = 5e-5 if dtype == torch.float32 else TOL[dtype]  # the int4 GEMV's fp32 sums (see above)
-    group = 64 if min(hidden, inter) % 128 else 128
-    w_down = quant.quantize_int4(torch.randn(hidden, inter, device=DEV) * 0.05, group)
-    w_gu = quant.quantize_int4(torch.randn(2 * inter, hidden, device=DEV) * 0.05, group)
-    x = torch.randn(m, inter, dtype=dtype, device=DEV)
-    residual = torch.randn(m, hidden, dtype=dtype, device=DEV) * 3
-    nw = (torch.rand(hidden, device=DEV) + 0.5).to(dtype)
-    slots = quant.NORM_SUM_SLOTS
-    sums = torch.full((m, slots), 0.0625, dtype=torch.float64, device=DEV)  # adds to what is there
-    res_ref, sums_ref = residual.clone(), sums.clone()
-    want = quant.int4_add_norm_ref(x, *w_down, res_ref, nw, sums_ref)
-    got = int4_gemv_triton.gemv(x, *w_down, group, add_norm=(residual, nw, sums))
-    assert rel_err(residual, res_ref) < tol and rel_err(got, want) < tol
-    # The sums are of the residual as stored (exact up to fp32 partials), which matches the reference's to rounding.
-    assert torch.allclose(sums.sum(-1), 2.0 + residual.double().pow(2).sum(-1), rtol=1e-6)
-    assert torch.allclose(sums.sum(-1), sums_ref.sum(-1), rtol=tol)
-    # The GEMVs after the norm, on what the one before it left.
-    fused = int4_gemv_triton.gemv(got, *w_gu, group, up_offset=inter, rms_sum=sums, eps=eps)
-    assert rel_err(fused, quant.int4_swiglu_ref(got, *w_gu, inter, sums, eps)) < tol
-    hq, hkv, d = (4, 2, 16) if hidden < 1024 else (32, 8, 128)
-    w_qkv = quant.quantize_int4(torch.randn((hq + 2 * hkv) * d, hidden, device=DEV) * 0.05, group)
-    cos_sin = rope_cos_sin(d, 64, 10000.0, None, torch.device(DEV))
-    positions, kv_slots = torch.tensor([5, 40, 0][:m], device=DEV), torch.tensor([3, 12, 9][:m], device=DEV)
-    caches = [torch.zeros(2, 8, hkv, d, dtype=dtype, device=DEV) for _ in range(4)]
-    q_ref = quant.int4_qkv_rope_ref(got, *w_qkv, hq, hkv, d, positions, cos_sin, caches[0], caches[1], kv_slots, 1.0, 1.0,
-                                    sums, eps)
-    q = int4_gemv_triton.qkv_rope(got, *w_qkv, hq, hkv, d, positions, cos_sin, caches[2], caches[3], kv_slots, 1.0, 1.0,
-                                  sums, eps)
-    assert rel_err(q, q_ref) < tol
-    assert rel_err(caches[2], caches[0]) < tol and rel_err(caches[3], caches[1]) < tol
-    # Both ends of the chain.
-    table = torch.full((5, m, slots), 7.0, dtype=torch.float64, device=DEV)
-    table_ref = table.clone()
-    begun = norm_triton.rms_norm_begin(residual, nw, table)
-    assert torch.equal(begun, norm.rms_norm_begin_ref(residual, nw, table_ref))
-    assert torch.allclose(table, table_ref, rtol=1e-6) and not table[1:].any() and not table[0, :, 1:].any()
-    ended = norm_triton.rms_norm_end(begun, table[0], eps)
-    assert rel_err(ended, norm.rms_norm_end_ref(begun, table[0], eps)) < tol
-    assert rel_err(ended, rms_norm_ref(residual, nw, eps)) < tol
-
-
 @pytest.mark.parametrize("arch", [90, 80])
 def test_kernels_compile_for_gpus(arch):
     """Every kernel variant compiles for Hopper (PDL, FP8) and Ampere: the interpreter, which

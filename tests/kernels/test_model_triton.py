@@ -54,34 +54,6 @@ def _assert_same_greedy(refs, gots) -> None:
                 break
 
 
-def test_int4_decode_with_norms_in_gemvs_matches_unfused(tmp_path, monkeypatch):
-    """int4 decode of 1-3 tokens with each RMSNorm split over the GEMVs around it (as the GPU
-    runs it; here through the torch references of those GEMVs) gives the tokens and
-    log-probabilities of the usual layer-by-layer path. The kernels against the references:
-    tests/kernels/test_kernels.py; on a GPU: test_gpu_int4_engine_matches_reference."""
-    from kiln import LLM
-    from kiln.workers.models import llama
-
-    monkeypatch.setenv("KILN_ENGINE_CACHE", str(tmp_path / "engines"))
-    _save_tiny_llama(tmp_path / "ckpt", layers=3)
-    llm = LLM(str(tmp_path / "ckpt"), quant="int4-awq", device="cpu", kv_cache_bytes=1 << 26)
-    prompts = [[5, 17, 300, 2], [9, 8, 7, 6, 5, 4, 3, 2, 1], [42] * 20]
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
-    calls = []
-    original = llama.LlamaForCausalLM._int4_decode
-    monkeypatch.setattr(llama.LlamaForCausalLM, "_int4_decode", lambda self, *a: calls.append(1) or original(self, *a))
-    outs = {}
-    for fused in (False, True):
-        monkeypatch.setattr(llama, "int4_norms_fuse", lambda x, on=fused: on and 0 < x.shape[0] <= 3)
-        with backend.use("torch"):
-            outs[fused] = [o.outputs[0] for n in (1, 3) for o in llm.generate(prompts[:n], params, use_tqdm=False)]
-        assert bool(calls) == fused
-    for ref, got in zip(outs[False], outs[True]):
-        assert got.token_ids == ref.token_ids
-        for a, b in zip(ref.logprobs, got.logprobs):
-            assert all(abs(a[t].logprob - b[t].logprob) < 1e-3 for t in a)
-
-
 @pytest.mark.gpu
 def test_gpu_kernels_and_cuda_graphs_match_reference(tmp_path):
     """bf16 on the GPU: Triton kernels + decode CUDA graphs vs the eager torch path."""

@@ -16,9 +16,8 @@ import torch.nn as nn
 from kiln.config import ModelConfig
 from kiln.kernels.activation import silu_and_mul
 from kiln.kernels.attention import AttentionMetadata, paged_attention
-from kiln.kernels.norm import fused_add_rms_norm, rms_norm, rms_norm_begin, rms_norm_end
-from kiln.kernels.quant import (NORM_SUM_SLOTS, Fp8Activation, int4_add_norm, int4_norms_fuse, int4_qkv_rope,
-                                int4_swiglu)
+from kiln.kernels.norm import fused_add_rms_norm, rms_norm
+from kiln.kernels.quant import Fp8Activation, int4_qkv_rope
 from kiln.kernels.rope import rope_cos_sin, rope_and_cache
 from kiln.workers.models.layers import (MergedColumnLinear, ParallelLMHead, RowParallelLinear,
                                         VocabParallelEmbedding, _copy)
@@ -155,34 +154,6 @@ class LlamaDecoderLayer(nn.Module):
                                          self.mlp.gate_up_proj.takes_fp8_input(T))
         return self.mlp(h), residual
 
-    def norms_in_int4_gemvs(self) -> bool:
-        """Whether `int4_decode` can run this layer: all four linears int4, no biases, and the
-        fused QKV + RoPE GEMV's head layout."""
-        attn, mlp = self.self_attn, self.mlp
-        return all(m.quant == "int4-awq" and m.bias is None for m in
-                   (attn.qkv_proj, mlp.gate_up_proj)) and attn.o_proj.quant == mlp.down_proj.quant == "int4-awq" \
-            and attn.head_dim % 4 == 0
-
-    def int4_decode(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, sums: torch.Tensor,
-                    next_norm: torch.Tensor, cos_sin: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
-                    meta: AttentionMetadata) -> torch.Tensor:
-        """`forward` at small-batch int4 decode with both norms carried by the GEMVs around them
-        (LlamaForCausalLM._int4_decode): x is h * input_layernorm with sum(h^2) in sums[0]; the
-        residual stream h is updated in place; returns h' * next_norm, sum(h'^2) in sums[2]."""
-        attn, mlp = self.self_attn, self.mlp
-        qkv, o, gate_up, down = attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
-        T = x.shape[0]
-        k_cache, v_cache = kv_cache
-        q = int4_qkv_rope(x, qkv.qweight, qkv.scales, qkv.mins, attn.num_heads, attn.num_kv_heads, attn.head_dim,
-                          positions, cos_sin, k_cache, v_cache, meta.slot_mapping, attn.k_scale, attn.v_scale,
-                          sums[0], self.eps)
-        out = paged_attention(q.view(T, attn.num_heads, attn.head_dim), k_cache, v_cache, meta, attn.scale,
-                              attn.k_scale, attn.v_scale)
-        x = int4_add_norm(out.view(T, -1), o.qweight, o.scales, o.mins, residual, self.post_attention_layernorm,
-                          sums[1])
-        x = int4_swiglu(x, gate_up.qweight, gate_up.scales, gate_up.mins, gate_up.parts["up"][0], sums[1], self.eps)
-        return int4_add_norm(x, down.qweight, down.scales, down.mins, residual, next_norm, sums[2])
-
 
 class LlamaForCausalLM(nn.Module):
     """One pipeline stage's share of the model (all of it when pp=1)."""
@@ -225,34 +196,12 @@ class LlamaForCausalLM(nn.Module):
         """
         if self.embed_tokens is not None:
             hidden = self.embed_tokens(input_ids)
-            if int4_norms_fuse(hidden) and self._norms_in_int4_gemvs:
-                return self._int4_decode(positions, hidden, kv_caches, meta), None
         for layer, kv in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, self.cos_sin, kv, meta)
         if self.norm is not None:
             hidden, _ = fused_add_rms_norm(hidden, residual, self.norm, self.cfg.rms_norm_eps)
             return hidden, None
         return hidden, residual
-
-    def _int4_decode(self, positions: torch.Tensor, h: torch.Tensor,
-                     kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
-        """Decode of a few tokens on an int4 model whose GEMVs carry the RMSNorms: each norm's
-        sum of squares and h * w come from the GEMV before it (which also adds the residual), its
-        scale is applied by the GEMV after it. Batch-1 decode is ~8 small kernels per layer, and
-        this removes two of them (kiln/kernels/int4_gemv_triton.py)."""
-        sums = torch.empty(2 * len(self.layers) + 1, h.shape[0], NORM_SUM_SLOTS, dtype=torch.float64,
-                           device=h.device)
-        x = rms_norm_begin(h, self.layers[0].input_layernorm, sums)
-        for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
-            nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
-            x = layer.int4_decode(positions, x, h, sums[2 * i:2 * i + 3], nxt, self.cos_sin, kv, meta)
-        return rms_norm_end(x, sums[-1], self.cfg.rms_norm_eps)
-
-    @property
-    def _norms_in_int4_gemvs(self) -> bool:
-        """The whole model on this rank (one rank, one stage), every layer int4 (int4_decode)."""
-        return self.ctx.tp_size == 1 and self.embed_tokens is not None and self.norm is not None \
-            and len(self.layers) > 0 and all(layer.norms_in_int4_gemvs() for layer in self.layers)
 
     def lm_head_tied(self) -> bool:
         """Whether the LM head is the embedding table itself (tied and not stored quantized)."""
