@@ -321,6 +321,16 @@ class Executor:
 
         Runs between steps on this rank's engine; not for multi-rank replicas.
         """
+        lp = self._log_probs(token_ids)
+        return lp.gather(1, torch.tensor(token_ids[1:], device=lp.device)[:, None])[:, 0].tolist()
+
+    def log_probs(self, token_ids: list[int]) -> torch.Tensor:
+        """The model's whole next-token distribution after each prefix: log-probabilities
+        [len - 1, vocab] (fp32, on the CPU) in one prefill, for comparing models token by token
+        (e.g. KL divergence of a quantized engine from its checkpoint). As `score`, between steps."""
+        return self._log_probs(token_ids).cpu()
+
+    def _log_probs(self, token_ids: list[int]) -> torch.Tensor:
         if self.ctx.world_size > 1:
             raise ValueError("score() runs on a single-rank engine")
         if len(token_ids) < 2 or len(token_ids) > self.max_model_len:
@@ -338,9 +348,7 @@ class Executor:
             hidden, _ = self.engine.forward(inputs)
             with torch.inference_mode():
                 logits = self.engine.model.compute_logits(hidden[:-1])
-                lp = torch.log_softmax(logits, dim=-1)
-                target = torch.tensor(token_ids[1:], device=lp.device)
-                return lp.gather(1, target[:, None])[:, 0].tolist()
+                return torch.log_softmax(logits.float(), dim=-1)
         finally:
             self.block_manager.free(seq)
 
