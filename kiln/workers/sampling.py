@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.kernels.argmax import argmax
 from kiln.scheduler.request import Sequence
 
 
@@ -53,7 +54,7 @@ class Sampler:
 
         greedy = [p.greedy for p in params]
         if all(greedy):
-            tokens = logits.argmax(dim=-1)
+            tokens = argmax(logits)
         else:
             tokens = self._sample(logits, seqs, greedy)
         lp = None
@@ -100,7 +101,7 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
         ps = [s.params for s in seqs]
         dev = logits.device
-        argmax = logits.argmax(dim=-1)
+        best = argmax(logits)
         temp = _to_device([1.0 if g else p.temperature for p, g in zip(ps, greedy)], torch.float32, dev)
         logits = logits / temp[:, None]
         if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in ps):
@@ -112,8 +113,8 @@ class Sampler:
             noise.exponential_()
         for i in seeded:
             noise[i].exponential_(generator=self._generator(seqs[i]))
-        sampled = (probs / noise).argmax(dim=-1)
-        return torch.where(_to_device(greedy, torch.bool, dev), argmax, sampled)
+        sampled = argmax(probs / noise)
+        return torch.where(_to_device(greedy, torch.bool, dev), best, sampled)
 
     @staticmethod
     def _truncate(logits: torch.Tensor, ps: list) -> torch.Tensor:

@@ -58,8 +58,8 @@ def _compile_only() -> None:
 def launches(pdl: bool) -> dict:
     """Name -> a call of a kiln kernel wrapper, with the dtypes and variants a GPU runs. Names
     with "fp8" need e4m3, which kiln refuses before compute capability 8.9."""
-    from kiln.kernels import (activation_triton, attention_triton, backend, int4_gemv_triton, norm_triton,
-                              quant, quant_triton, rope_triton)
+    from kiln.kernels import (activation_triton, argmax_triton, attention_triton, backend, int4_gemv_triton,
+                              norm_triton, quant, quant_triton, rope_triton)
     from kiln.kernels.attention import AttentionMetadata
     from kiln.kernels.rope import rope_cos_sin
 
@@ -124,6 +124,7 @@ def launches(pdl: bool) -> dict:
         "int4 qkv + rope, fp8 cache": lambda: qkv_rope(FP8),
         "int4 tensor cores": lambda: quant_triton.tensor_core_linear(x, w4, s4, m4, 4, 128),
         "int4 dequantize": lambda: quant_triton.dequantize_int4(w4, s4, m4, BF16, 128),
+        "argmax fp32 logits": lambda: argmax_triton.argmax(torch.randn(2, 5000)),
         "int8 gemv": lambda: quant_triton.gemv(x[:1], w8, s8, None, 8, 0),
         "fp8 gemv": lambda: quant_triton.gemv(x[:1], w8f, s8, None, 8, 0),
         "int8 tensor cores": lambda: quant_triton.tensor_core_linear(x, w8, s8, None, 8, 0),

@@ -443,6 +443,24 @@ def test_int4_qkv_rope_matches_unfused(m, hq, hkv, d, k, kv_fp8):
     assert torch.equal(caches[3].view(torch.uint8), caches[1].view(torch.uint8))
 
 
+@pytest.mark.parametrize("rows, cols", [(1, 49152), (3, 1000), (2, 4097),
+                                        pytest.param(1, 128256, marks=pytest.mark.gpu),
+                                        pytest.param(256, 128256, marks=pytest.mark.gpu)])
+def test_argmax_matches_torch(rows, cols):
+    """Greedy's argmax split over chunks of the row: torch's index, the first one on ties (also
+    across chunks), on fp32 and bf16 logits and a row slice of a wider tensor."""
+    from kiln.kernels import argmax_triton
+    from kiln.kernels.argmax import argmax_ref
+
+    x = torch.randn(rows, cols + 3, device=DEV)[:, :cols]
+    x[0, cols // 2] = x[0, cols - 1] = x[0, 7] = 50.0  # a tie in three places: the first wins
+    if rows > 1:
+        x[-1, cols - 1] = 60.0  # the last column, in a partial chunk
+    for t in (x, x.to(torch.bfloat16)):
+        assert torch.equal(argmax_triton.argmax(t), argmax_ref(t))
+    assert argmax_triton.argmax(x)[0] == 7
+
+
 @pytest.mark.parametrize("arch", [90, 80])
 def test_kernels_compile_for_gpus(arch):
     """Every kernel variant compiles for Hopper (PDL, FP8) and Ampere: the interpreter, which
