@@ -52,11 +52,13 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, out_ptr, mid_o_ptr, 
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
-    pdl_wait(PDL)
+    # The step's lengths are no kernel's output (copied in before its first kernel): read before
+    # waiting on the previous kernel, so the first block-table read does not queue behind it.
     seq_len = tl.load(lens_ptr + b)
     per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = s * per_split
     end = tl.minimum(start + per_split, seq_len)
+    pdl_wait(PDL)
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, D)

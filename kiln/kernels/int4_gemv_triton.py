@@ -172,16 +172,22 @@ def _int4_qkv_rope_kernel(x_ptr, w_ptr, s_ptr, z_ptr, q_ptr, pos_ptr, cs_ptr, kc
         offs_n = head * D + (pid * 2) % HALF + r // 2 + (r % 2) * HALF
     else:
         offs_n = (HQ + HKV) * D + (pid - PAIR_PROGRAMS) * 4 + r
+    # The epilogue's inputs first, before the GEMV waits on the previous kernel: the step's
+    # positions and slots (copied in before its first kernel) and the RoPE table are no kernel's
+    # output, and in a kernel that runs as one wave their dependent loads would otherwise add
+    # two memory latencies to its end.
+    slot = tl.load(slot_ptr + t)
+    i = (pid * 2) % HALF + tl.arange(0, 2)
+    pos = tl.load(pos_ptr + t)
+    cos = tl.load(cs_ptr + pos * cs_stride + i)
+    sin = tl.load(cs_ptr + pos * cs_stride + HALF + i)
     out = _int4_gemv_rows(x_ptr + t * x_stride, w_ptr, s_ptr, z_ptr, offs_n, offs_n >= 0, K, w_stride, s_stride,
                           magic_even, magic_odd, 4, BLOCK_K, GROUP, PDL)
     y = out.to(q_ptr.dtype.element_ty)  # rounded as the GEMV's output
-    slot = tl.load(slot_ptr + t)
     row = slot * (HKV * D)
     if pid < PAIR_PROGRAMS:
         a, b = tl.split(tl.reshape(y, (2, 2)))
-        i = (pid * 2) % HALF + tl.arange(0, 2)
-        pos = tl.load(pos_ptr + t)
-        ra, rb = rotate(a, b, tl.load(cs_ptr + pos * cs_stride + i), tl.load(cs_ptr + pos * cs_stride + HALF + i))
+        ra, rb = rotate(a, b, cos, sin)
         ra = ra.to(q_ptr.dtype.element_ty)
         rb = rb.to(q_ptr.dtype.element_ty)
         if head < HQ:
