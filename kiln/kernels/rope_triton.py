@@ -16,10 +16,12 @@ from kiln.kernels.pdl_triton import pdl_wait
 
 @triton.jit
 def rotate(x1, x2, cos, sin):
-    """The two halves of a head rotated, in fp32 (callers round to their dtype)."""
+    """The two halves of a head rotated, in fp32 (callers round to their dtype). The fused
+    multiply-adds are spelled out: left to the compiler, which product it fuses follows the
+    surrounding code, and the kernels sharing this must round alike."""
     x1 = x1.to(tl.float32)
     x2 = x2.to(tl.float32)
-    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    return tl.fma(x1, cos, -(x2 * sin)), tl.fma(x2, cos, x1 * sin)
 
 
 @triton.jit
