@@ -348,7 +348,7 @@ class Executor:
             hidden, _ = self.engine.forward(inputs)
             with torch.inference_mode():
                 logits = self.engine.model.compute_logits(hidden[:-1])
-                return torch.log_softmax(logits.float(), dim=-1)
+                return torch.log_softmax(logits, dim=-1)  # compute_logits gives fp32
         finally:
             self.block_manager.free(seq)
 
