@@ -28,6 +28,11 @@ INT4_GEMV_MAX_M = 3
 # BLOCK_K = 1024 * num_warps gives each thread 4 words (one 16-byte load) of every row.
 TILES = (4, 2048, 2, 1)
 INTERPRETER_TILES = (8, 256, 1, 1)
+# The QKV + RoPE GEMV: 8 rows (4 rotation pairs) a program. At Llama-8B's 6144 x 4096 that is
+# 768 programs, one wave on the H100, where 4 rows made 1536 (1.2 waves; 5.0 against 6.5 us
+# for the plain GEMV in quant-gemm-shapes-h100.json).
+QKV_TILES = (8, 2048, 2, 1)
+INTERPRETER_QKV_TILES = (8, 256, 1, 1)
 # 256.0f and 16.0f, passed as arguments so they sit in registers (mask-and-or is then one LOP3).
 MAGIC_EVEN, MAGIC_ODD = 0x43800000, 0x41800000
 
@@ -156,37 +161,38 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_str
 def _int4_qkv_rope_kernel(x_ptr, w_ptr, s_ptr, z_ptr, q_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr, K,
                           x_stride, w_stride, s_stride, q_stride, cs_stride, inv_k_scale, inv_v_scale,
                           magic_even, magic_odd, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                          BLOCK_K: tl.constexpr, GROUP: tl.constexpr, KV_FP8: tl.constexpr,
+                          ROWS: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, KV_FP8: tl.constexpr,
                           PDL: tl.constexpr = False):
     """The int4 QKV GEMV with RoPE and the KV-cache write in its epilogue (one token per row of
-    x), as rope_triton.rope_and_cache does after the plain GEMV. A program takes 4 weight rows:
-    two rotation pairs (i, i + D/2) of one q or k head, or 4 rows of v. q is written rotated to
-    q_ptr; k (rotated) and v go to the cache at the token's slot (none for slot -1)."""
+    x), as rope_triton.rope_and_cache does after the plain GEMV. A program takes ROWS weight
+    rows: ROWS/2 rotation pairs (i, i + D/2) of one q or k head, or ROWS rows of v. q is written
+    rotated to q_ptr; k (rotated) and v go to the cache at the token's slot (none for slot -1)."""
     HALF: tl.constexpr = D // 2
-    PAIR_PROGRAMS: tl.constexpr = (HQ + HKV) * HALF // 2
+    P: tl.constexpr = ROWS // 2
+    PAIR_PROGRAMS: tl.constexpr = (HQ + HKV) * HALF // P
     t = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
-    r = tl.arange(0, 4)
-    head = pid * 2 // HALF
-    if pid < PAIR_PROGRAMS:  # rows a0, b0, a1, b1: pairs i and i + 1 of one head
-        offs_n = head * D + (pid * 2) % HALF + r // 2 + (r % 2) * HALF
+    r = tl.arange(0, ROWS)
+    head = pid * P // HALF
+    if pid < PAIR_PROGRAMS:  # rows a0, b0, a1, b1, ...: pairs i .. i + P - 1 of one head
+        offs_n = head * D + (pid * P) % HALF + r // 2 + (r % 2) * HALF
     else:
-        offs_n = (HQ + HKV) * D + (pid - PAIR_PROGRAMS) * 4 + r
+        offs_n = (HQ + HKV) * D + (pid - PAIR_PROGRAMS) * ROWS + r
     # The epilogue's inputs first, before the GEMV waits on the previous kernel: the step's
     # positions and slots (copied in before its first kernel) and the RoPE table are no kernel's
     # output, and in a kernel that runs as one wave their dependent loads would otherwise add
     # two memory latencies to its end.
     slot = tl.load(slot_ptr + t)
-    i = (pid * 2) % HALF + tl.arange(0, 2)
+    i = (pid * P) % HALF + tl.arange(0, P)
     pos = tl.load(pos_ptr + t)
     cos = tl.load(cs_ptr + pos * cs_stride + i)
     sin = tl.load(cs_ptr + pos * cs_stride + HALF + i)
     out = _int4_gemv_rows(x_ptr + t * x_stride, w_ptr, s_ptr, z_ptr, offs_n, offs_n >= 0, K, w_stride, s_stride,
-                          magic_even, magic_odd, 4, BLOCK_K, GROUP, PDL)
+                          magic_even, magic_odd, ROWS, BLOCK_K, GROUP, PDL)
     y = out.to(q_ptr.dtype.element_ty)  # rounded as the GEMV's output
     row = slot * (HKV * D)
     if pid < PAIR_PROGRAMS:
-        a, b = tl.split(tl.reshape(y, (2, 2)))
+        a, b = tl.split(tl.reshape(y, (P, 2)))
         ra, rb = rotate(a, b, cos, sin)
         ra = ra.to(q_ptr.dtype.element_ty)
         rb = rb.to(q_ptr.dtype.element_ty)
@@ -198,7 +204,7 @@ def _int4_qkv_rope_kernel(x_ptr, w_ptr, s_ptr, z_ptr, q_ptr, pos_ptr, cs_ptr, kc
             tl.store(kc_ptr + c, kv_cache_value(ra, inv_k_scale, KV_FP8).to(kc_ptr.dtype.element_ty))
             tl.store(kc_ptr + c + HALF, kv_cache_value(rb, inv_k_scale, KV_FP8).to(kc_ptr.dtype.element_ty))
     elif slot >= 0:
-        c = row + (pid - PAIR_PROGRAMS) * 4 + r
+        c = row + (pid - PAIR_PROGRAMS) * ROWS + r
         tl.store(vc_ptr + c, kv_cache_value(y, inv_v_scale, KV_FP8).to(vc_ptr.dtype.element_ty))
 
 
@@ -240,21 +246,21 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
 def qkv_rope(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, heads: int,
                   kv_heads: int, head_dim: int, positions: torch.Tensor, cos_sin: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float,
-                  v_scale: float) -> torch.Tensor:
+                  v_scale: float, tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """q (rotated) [M, heads * head_dim] from an int4 [q | k | v] weight, with k (rotated) and v
     written to the cache: the GEMV and rope_triton.rope_and_cache in one kernel, for up to
-    INT4_GEMV_MAX_M tokens."""
+    INT4_GEMV_MAX_M tokens. `tiles` overrides QKV_TILES (rows a program, BLOCK_K, warps, stages)."""
     M, K = x.shape
     group = w.shape[1] * 8 // scales.shape[1]
-    if M > INT4_GEMV_MAX_M or head_dim % 4:
-        raise ValueError(f"the fused int4 QKV GEMV takes up to {INT4_GEMV_MAX_M} rows and head_dim % 4 == 0")
-    _, block_k, warps, stages = TILES if x.is_cuda else (4, 256, 1, 1)
+    rows, block_k, warps, stages = tiles or (QKV_TILES if x.is_cuda else INTERPRETER_QKV_TILES)
+    if M > INT4_GEMV_MAX_M or head_dim % rows:  # a program's rotation pairs stay within half a head
+        raise ValueError(f"the fused int4 QKV GEMV takes up to {INT4_GEMV_MAX_M} rows and head_dim % {rows} == 0")
     block_k = block_k_for(block_k, K, group)
     q = torch.empty(M, heads * head_dim, dtype=x.dtype, device=x.device)
-    programs = (heads + kv_heads) * head_dim // 4 + kv_heads * head_dim // 4
+    programs = (heads + kv_heads) * head_dim // rows + kv_heads * head_dim // rows
     _int4_qkv_rope_kernel[(M, programs)](
         x, w, scales, mins, q, positions, cos_sin, k_cache, v_cache, slot_mapping, K, x.stride(0), w.stride(0),
         scales.stride(0), q.stride(0), cos_sin.stride(0), 1.0 / k_scale, 1.0 / v_scale, MAGIC_EVEN, MAGIC_ODD,
-        HQ=heads, HKV=kv_heads, D=head_dim, BLOCK_K=block_k, GROUP=group,
+        HQ=heads, HKV=kv_heads, D=head_dim, ROWS=rows, BLOCK_K=block_k, GROUP=group,
         KV_FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=warps, num_stages=stages, **backend.pdl_launch(x))
     return q

@@ -145,6 +145,7 @@ GPU_ATTN = [
     ([513, 64], [0, 4031], 32, 32, 128, 32),
     ([1] * 3 + [77], [100, 5000, 33, 640], 28, 4, 128, 16),   # GQA 7 (Qwen2-7B)
     ([1] * 4 + [200], [64, 1, 999, 4000, 50], 9, 3, 64, 16),  # SmolLM2 heads
+    ([1], [200], 32, 8, 128, 16),                       # batch 1, short: most splits empty
 ]
 
 
@@ -206,6 +207,22 @@ def _check_attention(q_lens, ctx, hq, hkv, d, page, dtype):
         ref = paged_attention_ref(q.float(), kc.float(), vc.float(), meta, d ** -0.5)
         got = attention_triton.paged_attention(q, kc, vc, meta, d ** -0.5)
         assert rel_err(got, ref) < max(TOL[dtype], 1e-4), (seed, rel_err(got, ref))
+    # Each launch leaves its finished-split counts at zero for the next one.
+    assert all(not c.any() for c in attention_triton._COUNTERS.values())
+
+
+@pytest.mark.gpu
+def test_decode_split_merge_is_deterministic():
+    """The last split to finish merges all of them, in split order: whichever program is last,
+    every launch gives the same bytes (a merge that read a partial before it was visible would
+    not), and the counts return to zero."""
+    from kiln.kernels import attention_triton
+
+    q, kc, vc, meta = make_batch([1, 1, 1], [5000, 700, 30], 32, 8, 128, 16, torch.bfloat16, 5)
+    first = attention_triton.paged_attention(q, kc, vc, meta, 128 ** -0.5)
+    for _ in range(200):
+        assert torch.equal(attention_triton.paged_attention(q, kc, vc, meta, 128 ** -0.5), first)
+    assert all(not c.any() for c in attention_triton._COUNTERS.values())
 
 
 def test_decode_ignores_padding_rows():
@@ -411,13 +428,15 @@ def test_int4_gemv_swiglu_matches_unfused(m, n, k, dtype):
     assert rel_err(fused, silu_and_mul(plain)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("m, hq, hkv, d, k, kv_fp8", [
-    (1, 2, 1, 32, 256, False), (2, 2, 1, 32, 128, True),
-    pytest.param(1, 32, 8, 128, 4096, False, marks=pytest.mark.gpu),
-    pytest.param(2, 32, 8, 128, 4096, True, marks=pytest.mark.gpu)])
-def test_int4_qkv_rope_matches_unfused(m, hq, hkv, d, k, kv_fp8):
+@pytest.mark.parametrize("m, hq, hkv, d, k, kv_fp8, rows", [
+    (1, 2, 1, 32, 256, False, 8), (2, 2, 1, 32, 128, True, 4), (3, 2, 1, 32, 128, False, 8),
+    pytest.param(1, 32, 8, 128, 4096, False, 8, marks=pytest.mark.gpu),
+    pytest.param(2, 32, 8, 128, 4096, True, 8, marks=pytest.mark.gpu),
+    pytest.param(1, 32, 8, 128, 4096, False, 4, marks=pytest.mark.gpu)])
+def test_int4_qkv_rope_matches_unfused(m, hq, hkv, d, k, kv_fp8, rows):
     """The QKV GEMV with RoPE and the cache write in its epilogue equals the GEMV followed by
-    rope_and_cache: the same q, the same cache bytes (a -1 slot writes nothing)."""
+    rope_and_cache: the same q, the same cache bytes (a -1 slot writes nothing), with 4 or 8
+    weight rows a program."""
     from kiln.kernels import int4_gemv_triton, quant, quant_triton, rope_triton
     from kiln.kernels.rope import rope_cos_sin
 
@@ -427,8 +446,8 @@ def test_int4_qkv_rope_matches_unfused(m, hq, hkv, d, k, kv_fp8):
     group = 64 if k % 128 else 128
     p, sc, mn = quant.quantize_int4(w, group)
     cos_sin = rope_cos_sin(d, 64, 10000.0, None, torch.device(DEV))
-    positions = torch.tensor([5, 40][:m], device=DEV)
-    slots = torch.tensor([3, -1][:m], device=DEV)
+    positions = torch.tensor([5, 40, 63][:m], device=DEV)
+    slots = torch.tensor([3, -1, 12][:m], device=DEV)
     cache_dtype = torch.float8_e4m3fn if kv_fp8 else dtype
     caches = [torch.zeros(2, 8, hkv, d, dtype=cache_dtype, device=DEV) for _ in range(4)]
     scales = (0.5, 0.25) if kv_fp8 else (1.0, 1.0)
@@ -436,8 +455,9 @@ def test_int4_qkv_rope_matches_unfused(m, hq, hkv, d, k, kv_fp8):
     q = q.contiguous().view(m, hq, d)
     rope_triton.rope_and_cache(q, kk.contiguous().view(m, hkv, d), v.contiguous().view(m, hkv, d), positions, cos_sin,
                                caches[0], caches[1], slots, *scales)
+    tiles = (rows,) + (int4_gemv_triton.QKV_TILES if DEV == "cuda" else int4_gemv_triton.INTERPRETER_QKV_TILES)[1:]
     fused = int4_gemv_triton.qkv_rope(x, p, sc, mn, hq, hkv, d, positions, cos_sin, caches[2], caches[3], slots,
-                                      *scales)
+                                      *scales, tiles=tiles)
     assert torch.equal(fused.view(m, hq, d), q)
     assert torch.equal(caches[2].view(torch.uint8), caches[0].view(torch.uint8))
     assert torch.equal(caches[3].view(torch.uint8), caches[1].view(torch.uint8))
