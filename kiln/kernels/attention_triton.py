@@ -3,11 +3,9 @@
 Decode (one query token per sequence): a program owns one (sequence, KV head,
 split) and computes all the query heads that share that KV head, so each
 cached K/V byte is read once. Long contexts with few sequences are cut into
-splits (flash-decoding); the last split of a (sequence, KV head) to finish
-merges the partial results by log-sum-exp, so no second kernel runs. The split
-count depends only on the batch shape, so a captured CUDA graph stays valid for
-any context length; splits past a sequence's keys exit at once, and a sequence
-whose keys fit one split is written directly.
+splits (flash-decoding) whose partial results a second kernel merges by
+log-sum-exp. The split count depends only on the batch shape, so a captured
+CUDA graph stays valid for any context length.
 
 Prefill/extend: a program owns a tile of one sequence's new query rows for one
 head, and walks that sequence's cached keys (prefix and the new chunk)
@@ -47,96 +45,78 @@ def _num_sms(device_index: int) -> int:
 # variant first met under load stalls every request for the ~2 s it compiles (two such prefill
 # variants cost a 2048/128 run 4 s on the H100).
 @triton.jit(do_not_specialize=["num_splits"])
-def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, out_ptr, mid_o_ptr, mid_lse_ptr, done_ptr,
+def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
                    q_stride, bt_stride, tok_stride, block_stride, out_stride, num_splits, scale_log2, out_scale,
                    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PAGE: tl.constexpr, BLOCK_S: tl.constexpr, F16: tl.constexpr = False,
-                   PDL: tl.constexpr = False):
+                   PAGE: tl.constexpr, DIRECT: tl.constexpr, F16: tl.constexpr = False, PDL: tl.constexpr = False):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
     # The step's lengths are no kernel's output (copied in before its first kernel): read before
     # waiting on the previous kernel, so the first block-table read does not queue behind it.
     seq_len = tl.load(lens_ptr + b)
-    per_split = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, BLOCK_N)
-    used = tl.maximum(tl.cdiv(seq_len, per_split), 1)  # splits with keys (one for an empty row)
+    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = s * per_split
     end = tl.minimum(start + per_split, seq_len)
     pdl_wait(PDL)
-    if s < used:
-        g = tl.arange(0, BLOCK_G)
-        d = tl.arange(0, D)
-        heads = kvh * G + g
-        mask_g = g < G
-        q = tl.load(q_ptr + b * q_stride + heads[:, None] * D + d[None, :], mask=mask_g[:, None], other=0.0)
-        if F16:  # e4m3 widens to fp16 in one instruction (to bf16 it takes several): compute in fp16
-            q = q.to(tl.float16)
-        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, D], tl.float32)
-        kv_off = kvh * D + d[None, :]
-        for n0 in range(start, end, BLOCK_N):
-            offs = n0 + tl.arange(0, BLOCK_N)
-            mask_n = offs < end
-            page = tl.load(bt_ptr + b * bt_stride + offs // PAGE, mask=mask_n, other=0).to(tl.int64)
-            row = page * block_stride + (offs % PAGE) * tok_stride
-            k = tl.load(kc_ptr + row[:, None] + kv_off, mask=mask_n[:, None], other=0.0).to(q.dtype)
-            qk = tl.dot(q, tl.trans(k)) * scale_log2
-            qk = tl.where(mask_n[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.math.exp2(qk - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            v = tl.load(vc_ptr + row[:, None] + kv_off, mask=mask_n[:, None], other=0.0).to(q.dtype)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
-        safe_l = tl.where(l_i > 0, l_i, 1.0)
-        o = acc * (out_scale / safe_l)[:, None]
-        if used == 1:
-            tl.store(out_ptr + b * out_stride + heads[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty),
-                     mask=mask_g[:, None])
-        else:
-            # Partial result and its log2-sum-exp; the last split of this (sequence, KV head) to
-            # finish merges them all, so no second kernel sits between attention and o_proj.
-            lse = tl.where(l_i > 0, m_i + tl.math.log2(safe_l), float("-inf"))
-            base = (b * (G * tl.num_programs(1)) + heads) * num_splits + s
-            tl.store(mid_o_ptr + base[:, None] * D + d[None, :], o, mask=mask_g[:, None])
-            tl.store(mid_lse_ptr + base, lse, mask=mask_g)
-            # Every thread's stores come before the release; the count is left at zero for the
-            # next launch (which starts after this kernel completes, PDL included).
-            tl.debug_barrier()
-            done = tl.atomic_add(done_ptr + b * tl.num_programs(1) + kvh, 1, sem="acq_rel", scope="gpu")
-            if done == used - 1:
-                tl.store(done_ptr + b * tl.num_programs(1) + kvh, 0)
-                _merge_splits(mid_o_ptr, mid_lse_ptr, out_ptr + b * out_stride,
-                              (b * (G * tl.num_programs(1)) + kvh * G) * num_splits, kvh * G, num_splits, used,
-                              G, D, BLOCK_S)
 
-
-@triton.jit
-def _merge_splits(mid_o_ptr, mid_lse_ptr, out_ptr, row0, head0, num_splits, used, G: tl.constexpr,
-                  D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """out[head] = the splits' partial results weighted by their share of the softmax sum, for
-    the G heads of one KV head. Reads bypass L1: other SMs wrote the partials."""
-    CHUNK: tl.constexpr = 16 if BLOCK_S > 16 else BLOCK_S
+    g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, D)
-    sp_all = tl.arange(0, BLOCK_S)
-    c = tl.arange(0, CHUNK)
-    for gi in tl.static_range(G):
-        row = row0 + gi * num_splits
-        lse = tl.load(mid_lse_ptr + row + sp_all, mask=sp_all < used, other=float("-inf"), cache_modifier=".cg")
-        top = tl.max(lse, 0)
-        top = tl.where(top == float("-inf"), 0.0, top)
-        total = tl.sum(tl.math.exp2(lse - top), 0)
-        acc = tl.zeros([D], tl.float32)
-        for s0 in range(0, used, CHUNK):
-            sp = s0 + c
-            w = tl.math.exp2(tl.load(mid_lse_ptr + row + sp, mask=sp < used, other=float("-inf"),
-                                     cache_modifier=".cg") - top)
-            o = tl.load(mid_o_ptr + (row + sp)[:, None] * D + d[None, :], mask=(sp < used)[:, None], other=0.0,
-                        cache_modifier=".cg")
-            acc += tl.sum(o * w[:, None], 0)
-        tl.store(out_ptr + (head0 + gi) * D + d, (acc / tl.where(total > 0, total, 1.0)).to(out_ptr.dtype.element_ty))
+    heads = kvh * G + g
+    mask_g = g < G
+    q = tl.load(q_ptr + b * q_stride + heads[:, None] * D + d[None, :], mask=mask_g[:, None], other=0.0)
+    if F16:  # e4m3 widens to fp16 in one instruction (to bf16 it takes several): compute in fp16
+        q = q.to(tl.float16)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    kv_off = kvh * D + d[None, :]
+    for n0 in range(start, end, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs < end
+        page = tl.load(bt_ptr + b * bt_stride + offs // PAGE, mask=mask_n, other=0).to(tl.int64)
+        row = page * block_stride + (offs % PAGE) * tok_stride
+        k = tl.load(kc_ptr + row[:, None] + kv_off, mask=mask_n[:, None], other=0.0).to(q.dtype)
+        qk = tl.dot(q, tl.trans(k)) * scale_log2
+        qk = tl.where(mask_n[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        v = tl.load(vc_ptr + row[:, None] + kv_off, mask=mask_n[:, None], other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    safe_l = tl.where(l_i > 0, l_i, 1.0)
+    o = acc * (out_scale / safe_l)[:, None]
+    if DIRECT:
+        tl.store(out_ptr + b * out_stride + heads[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=mask_g[:, None])
+    else:
+        # Partial result and its log2-sum-exp; an empty split has lse = -inf and weighs nothing.
+        lse = tl.where(l_i > 0, m_i + tl.math.log2(safe_l), float("-inf"))
+        base = (b * (G * tl.num_programs(1)) + heads) * num_splits + s
+        tl.store(mid_o_ptr + base[:, None] * D + d[None, :], o, mask=mask_g[:, None])
+        tl.store(mid_lse_ptr + base, lse, mask=mask_g)
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, out_stride, num_splits,
+                          D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_wait(PDL)
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    hq = tl.num_programs(1)
+    sp = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, D)
+    base = (b * hq + h) * num_splits
+    lse = tl.load(mid_lse_ptr + base + sp, mask=sp < num_splits, other=float("-inf"))
+    top = tl.max(lse, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.math.exp2(lse - top)
+    o = tl.load(mid_o_ptr + (base + sp)[:, None] * D + d[None, :], mask=(sp < num_splits)[:, None], other=0.0)
+    total = tl.sum(w, 0)
+    res = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + b * out_stride + h * D + d, res.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -239,26 +219,19 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     block_g = max(16, triton.next_power_of_2(G))
     # num_warps / num_stages from a sweep on the H100 (B=256, 192-1024 keys); with an FP8 cache the
     # dots run in fp16, since e4m3 widens to fp16 in one instruction and to bf16 in several.
-    common = dict(G=G, BLOCK_G=block_g, D=D, BLOCK_N=64, PAGE=page, BLOCK_S=triton.next_power_of_2(splits),
-                  num_warps=2, num_stages=4, F16=k_cache.element_size() == 1, **backend.pdl_launch(q))
+    common = dict(G=G, BLOCK_G=block_g, D=D, BLOCK_N=64, PAGE=page, num_warps=2, num_stages=4,
+                  F16=k_cache.element_size() == 1, **backend.pdl_launch(q))
     args = (q.stride(0), block_tables.stride(0), k_cache.stride(1), k_cache.stride(0), out.stride(0))
-    done = _split_counters(B * HKV, q.device) if splits > 1 else seq_lens
-    mid_o = torch.empty(B, HQ, splits, D, dtype=torch.float32, device=q.device) if splits > 1 else out
-    mid_lse = torch.empty(B, HQ, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
-    _decode_kernel[(B, HKV, splits)](q, k_cache, v_cache, block_tables, seq_lens, out, mid_o, mid_lse, done, *args,
-                                     splits, scale * k_scale * _LOG2E, v_scale, **common)
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _split_counters(n: int, device: torch.device) -> torch.Tensor:
-    """Finished-split counts, one per (sequence, KV head), zero between launches (each launch
-    resets the ones it used). One set per device: decode kernels run one after another on it."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return buf
+    if splits == 1:
+        _decode_kernel[(B, HKV, 1)](q, k_cache, v_cache, block_tables, seq_lens, out, out, out, *args, 1,
+                                    scale * k_scale * _LOG2E, v_scale, DIRECT=True, **common)
+        return
+    mid_o = torch.empty(B, HQ, splits, D, dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(B, HQ, splits, dtype=torch.float32, device=q.device)
+    _decode_kernel[(B, HKV, splits)](q, k_cache, v_cache, block_tables, seq_lens, out, mid_o, mid_lse, *args,
+                                     splits, scale * k_scale * _LOG2E, v_scale, DIRECT=False, **common)
+    _decode_reduce_kernel[(B, HQ)](mid_o, mid_lse, out, out.stride(0), splits, D=D,
+                                   BLOCK_S=triton.next_power_of_2(splits), num_warps=4, **backend.pdl_launch(q))
 
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
