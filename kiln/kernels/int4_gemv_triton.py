@@ -1,8 +1,10 @@
 """The int4 decode GEMV (Triton): one to INT4_GEMV_MAX_M rows of x against plane-major int4 W.
 
-Reading the weights is the whole cost, and the kernel is bound by instruction issue more than
-by memory (~4 SASS instructions per weight, ~63% of the copy ceiling at Llama-8B shapes on the
-H100). int4 codes sit eight to an int32, plane-major within a group (nibble j of word i is
+Reading the weights is the whole cost, and the kernel is bound by instruction issue as much as
+by memory (~3.8 SASS instructions per weight). K is a compile-time constant, so the tiles of a
+row are straight-line code (a loop only past two tiles) whose loads need no masks: masked
+loads zeroed their registers first and cost 13% more instructions (batch-1 int4 Llama-8B on the
+H100: 2.44 -> 2.30 ms per token). int4 codes sit eight to an int32, plane-major within a group (nibble j of word i is
 k = j * group/8 + i, kiln/kernels/quant.py), so each nibble plane meets a contiguous run of x;
 a thread holds a few rows of the same words, so x is loaded and widened once for all of them.
 A nibble becomes a float by masking it into the mantissa of 256.0f or 16.0f (no int->float
@@ -28,11 +30,14 @@ INT4_GEMV_MAX_M = 3
 # BLOCK_K = 1024 * num_warps gives each thread 4 words (one 16-byte load) of every row.
 TILES = (4, 2048, 2, 1)
 INTERPRETER_TILES = (8, 256, 1, 1)
-# The QKV + RoPE GEMV: 8 rows (4 rotation pairs) a program. At Llama-8B's 6144 x 4096 that is
-# 768 programs, one wave on the H100, where 4 rows made 1536 (1.2 waves; 5.0 against 6.5 us
-# for the plain GEMV in quant-gemm-shapes-h100.json).
-QKV_TILES = (8, 2048, 2, 1)
+# The QKV + RoPE GEMV: (rows a program, BLOCK_K, warps, stages). 8 rows (768 programs at
+# Llama-8B, one H100 wave) ran the kernel 0.304 -> 0.275 ms per batch-1 step without PDL, but
+# the step took 2.462 ms against 2.443 with 4 rows with PDL (one call, 5 runs each): 4 it is.
+QKV_TILES = (4, 2048, 2, 1)
 INTERPRETER_QKV_TILES = (8, 256, 1, 1)
+# A register cap for both kernels (None: the compiler's, 127 at Llama-8B's 4096-wide rows and 167
+# at 14336; a cap of 128 or 112 ran batch-1 decode 0.5% slower on the H100).
+MAXNREG = None
 # 256.0f and 16.0f, passed as arguments so they sit in registers (mask-and-or is then one LOP3).
 MAGIC_EVEN, MAGIC_ODD = 0x43800000, 0x41800000
 
@@ -67,7 +72,7 @@ def _quarters(v):
 
 
 @triton.jit
-def _int4_tile(acc, packed, x_ptr, kw, xw, s_ptr, z_ptr, s_rows, mask_n, magic_even, magic_odd,
+def _int4_tile(acc, packed, x_ptr, kw, xw, s_ptr, z_ptr, s_rows, magic_even, magic_odd,
                BLOCK_N: tl.constexpr, C: tl.constexpr, WG: tl.constexpr):
     """acc [BLOCK_N, C] plus one tile of packed words [BLOCK_N, 4 C] (from word kw) against x."""
     p0, p1, p2, p3 = _quarters(tl.reshape(packed, (BLOCK_N, C, 4)))
@@ -84,43 +89,51 @@ def _int4_tile(acc, packed, x_ptr, kw, xw, s_ptr, z_ptr, s_rows, mask_n, magic_e
         t += _int4_plane_bits(p1, j, magic_even, magic_odd) * x1[None, :]
         t += _int4_plane_bits(p2, j, magic_even, magic_odd) * x2[None, :]
         t += _int4_plane_bits(p3, j, magic_even, magic_odd) * x3[None, :]
-    scale = tl.load(s_ptr + s_rows + kw // WG, mask=mask_n[:, None], other=0.0).to(tl.float32)
-    mn = tl.load(z_ptr + s_rows + kw // WG, mask=mask_n[:, None], other=0.0).to(tl.float32)
+    scale = tl.load(s_ptr + s_rows + kw // WG).to(tl.float32)
+    mn = tl.load(z_ptr + s_rows + kw // WG).to(tl.float32)
     return acc + scale * (t - (256.0 * x_even + 16.0 * x_odd)[None, :]) + mn * (x_even + x_odd)[None, :]
 
 
 @triton.jit
-def _int4_gemv_rows(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, K, w_stride, s_stride, magic_even, magic_odd,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr):
+def _int4_gemv_rows(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, K: tl.constexpr, w_stride, s_stride, magic_even,
+                    magic_odd, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr):
     """fp32 x . w for the BLOCK_N weight rows offs_n (see _int4_gemv_kernel)."""
     C: tl.constexpr = BLOCK_K // 32  # chunks of 4 words per tile
     WG: tl.constexpr = GROUP // 8
     W: tl.constexpr = BLOCK_K // 8
+    NT: tl.constexpr = K // BLOCK_K  # K is a whole number of tiles
     chunks = tl.arange(0, C)
     words = tl.arange(0, W)
-    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * w_stride + words[None, :]
+    # Rows past N read row 0 (their sums are not stored), so no load needs a mask: a masked load
+    # zeroes its registers first and loses its 16-byte width to a per-word guard.
+    rows = tl.where(mask_n, offs_n, 0)[:, None].to(tl.int64)
+    w_rows = w_ptr + rows * w_stride + words[None, :]
     xw = (words // WG) * GROUP + words % WG  # x offset of plane 0 of each word
-    g_chunk = (chunks * 4) // WG  # group of each chunk within the tile
-    s_rows = offs_n[:, None].to(tl.int64) * s_stride + g_chunk[None, :]
+    s_rows = rows * s_stride + ((chunks * 4) // WG)[None, :]  # the group of each chunk
     acc = tl.zeros([BLOCK_N, C], dtype=tl.float32)
-    KW = K // 8
     # Tiles in pairs, each loading the tile after it into registers that are free by then (the
-    # other of the pair), so no tile is copied between registers. K is a whole number of tiles.
-    zero = tl.zeros([BLOCK_N, W], dtype=tl.int32)  # a whole-tile (scalar) condition keeps 16-byte loads
-    a = tl.load(w_rows, mask=mask_n[:, None], other=0)  # weights: no need to wait for x
+    # other of the pair), so no tile is copied between registers; the last one or two tiles
+    # (known from K) follow, so every load is in bounds.
+    a = tl.load(w_rows)  # weights: no need to wait for x
     pdl_wait(PDL)
-    for kw in range(0, KW, 2 * W):
-        b = tl.load(w_rows + (kw + W), mask=mask_n[:, None] & (zero + (kw + W) < KW), other=0)
-        acc = _int4_tile(acc, a, x_ptr, kw, xw, s_ptr, z_ptr, s_rows, mask_n, magic_even, magic_odd, BLOCK_N, C, WG)
-        a = tl.load(w_rows + (kw + 2 * W), mask=mask_n[:, None] & (zero + (kw + 2 * W) < KW), other=0)
-        if kw + W < KW:
-            acc = _int4_tile(acc, b, x_ptr, kw + W, xw, s_ptr, z_ptr, s_rows, mask_n, magic_even, magic_odd,
-                             BLOCK_N, C, WG)
+    for i in range(0, (NT - 1) // 2):
+        kw = i * (2 * W)
+        b = tl.load(w_rows + (kw + W))
+        acc = _int4_tile(acc, a, x_ptr, kw, xw, s_ptr, z_ptr, s_rows, magic_even, magic_odd, BLOCK_N, C, WG)
+        a = tl.load(w_rows + (kw + 2 * W))
+        acc = _int4_tile(acc, b, x_ptr, kw + W, xw, s_ptr, z_ptr, s_rows, magic_even, magic_odd, BLOCK_N, C, WG)
+    kw = ((NT - 1) // 2) * (2 * W)
+    if NT % 2 == 0:
+        b = tl.load(w_rows + (kw + W))
+        acc = _int4_tile(acc, a, x_ptr, kw, xw, s_ptr, z_ptr, s_rows, magic_even, magic_odd, BLOCK_N, C, WG)
+        acc = _int4_tile(acc, b, x_ptr, kw + W, xw, s_ptr, z_ptr, s_rows, magic_even, magic_odd, BLOCK_N, C, WG)
+    else:
+        acc = _int4_tile(acc, a, x_ptr, kw, xw, s_ptr, z_ptr, s_rows, magic_even, magic_odd, BLOCK_N, C, WG)
     return tl.sum(acc, axis=1)
 
 
 @triton.jit
-def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_stride, s_stride, out_stride,
+def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K: tl.constexpr, x_stride, w_stride, s_stride, out_stride,
                       magic_even, magic_odd, up_offset, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
                       SWIGLU: tl.constexpr = False, PDL: tl.constexpr = False):
     """One row of x against [BLOCK_N, K] of plane-major int4 W. Each thread holds all BLOCK_N
@@ -158,7 +171,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, x_stride, w_str
 
 
 @triton.jit
-def _int4_qkv_rope_kernel(x_ptr, w_ptr, s_ptr, z_ptr, q_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr, K,
+def _int4_qkv_rope_kernel(x_ptr, w_ptr, s_ptr, z_ptr, q_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr, K: tl.constexpr,
                           x_stride, w_stride, s_stride, q_stride, cs_stride, inv_k_scale, inv_v_scale,
                           magic_even, magic_odd, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                           ROWS: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, KV_FP8: tl.constexpr,
@@ -239,7 +252,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
     _int4_gemv_kernel[(M, triton.cdiv(n_out, per_program))](
         x, w, scales, mins, out, n_out, K, x.stride(0), w.stride(0), scales.stride(0), out.stride(0),
         MAGIC_EVEN, MAGIC_ODD, up_offset or 0, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group,
-        SWIGLU=up_offset is not None, num_warps=warps, num_stages=stages, **backend.pdl_launch(x))
+        SWIGLU=up_offset is not None, num_warps=warps, num_stages=stages, maxnreg=MAXNREG, **backend.pdl_launch(x))
     return out
 
 
@@ -262,5 +275,6 @@ def qkv_rope(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch
         x, w, scales, mins, q, positions, cos_sin, k_cache, v_cache, slot_mapping, K, x.stride(0), w.stride(0),
         scales.stride(0), q.stride(0), cos_sin.stride(0), 1.0 / k_scale, 1.0 / v_scale, MAGIC_EVEN, MAGIC_ODD,
         HQ=heads, HKV=kv_heads, D=head_dim, ROWS=rows, BLOCK_K=block_k, GROUP=group,
-        KV_FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=warps, num_stages=stages, **backend.pdl_launch(x))
+        KV_FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=warps, num_stages=stages, maxnreg=MAXNREG,
+        **backend.pdl_launch(x))
     return q

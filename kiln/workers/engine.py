@@ -18,6 +18,7 @@ import torch
 
 from kiln.config import EngineConfig, ModelConfig
 from kiln.kernels import backend
+from kiln.kernels.argmax import argmax
 from kiln.kernels.attention import AttentionMetadata
 from kiln.scheduler.scheduler import ScheduledSeq
 from kiln.workers import kernel_cache
@@ -345,7 +346,7 @@ class Engine:
                 return
             inputs = self._prepare(entries, graph=False)
             hidden, _ = self._forward(inputs)
-            self.model.compute_logits(hidden[inputs.logits_indices])
+            argmax(self.model.compute_logits(hidden[inputs.logits_indices]))  # the sampler's kernels too
         torch.cuda.synchronize()
         log.info("warmed up eager step kernels in %.1fs", time.perf_counter() - t0)
 

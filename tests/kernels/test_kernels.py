@@ -222,7 +222,7 @@ def test_decode_ignores_padding_rows():
 # -- quantized GEMMs and the FP8 KV cache --------------------------------------------
 
 @pytest.mark.parametrize("m, n, k, dtype", [
-    (1, 96, 256, torch.float32), (2, 40, 512, torch.float16), (5, 64, 512, torch.float16),
+    (1, 96, 256, torch.float32), (2, 40, 512, torch.float16), (5, 64, 512, torch.float16), (1, 24, 1024, torch.float32),
     (33, 48, 256, torch.float32), pytest.param(1, 4096, 4096, torch.bfloat16, marks=pytest.mark.gpu),
     pytest.param(16, 14336 * 2, 4096, torch.bfloat16, marks=pytest.mark.gpu),
     pytest.param(256, 4096, 14336, torch.bfloat16, marks=pytest.mark.gpu),
