@@ -223,6 +223,8 @@ def test_decode_ignores_padding_rows():
 
 @pytest.mark.parametrize("m, n, k, dtype", [
     (1, 96, 256, torch.float32), (2, 40, 512, torch.float16), (5, 64, 512, torch.float16), (1, 24, 1024, torch.float32),
+    (2, 27, 512, torch.float32),  # N not a whole number of GEMV tiles: rows past N read row 0
+    pytest.param(1, 1001, 14336, torch.bfloat16, marks=pytest.mark.gpu),
     (33, 48, 256, torch.float32), pytest.param(1, 4096, 4096, torch.bfloat16, marks=pytest.mark.gpu),
     pytest.param(16, 14336 * 2, 4096, torch.bfloat16, marks=pytest.mark.gpu),
     pytest.param(256, 4096, 14336, torch.bfloat16, marks=pytest.mark.gpu),
@@ -395,7 +397,9 @@ def test_rope_writes_fp8_cache():
 
 
 @pytest.mark.parametrize("m, n, k, dtype", [(1, 40, 256, torch.float32), (3, 24, 576, torch.float32),
+                                            (1, 27, 512, torch.float32),  # rows past N in a program
                                             pytest.param(1, 14336, 4096, torch.bfloat16, marks=pytest.mark.gpu),
+                                            pytest.param(1, 1001, 4096, torch.bfloat16, marks=pytest.mark.gpu),
                                             pytest.param(2, 14336, 4096, torch.bfloat16, marks=pytest.mark.gpu)])
 def test_int4_gemv_swiglu_matches_unfused(m, n, k, dtype):
     """The GEMV's SwiGLU epilogue gives silu_and_mul of the plain product (rounded the same way)."""
