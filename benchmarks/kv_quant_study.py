@@ -1,0 +1,153 @@
+"""Where the FP8 KV cache's quality loss comes from, and which K/V formats would remove it (CPU).
+
+    python benchmarks/kv_quant_study.py    # writes benchmarks/results/kv-quant-study-smollm2.json
+
+A simulation on the embedded SmolLM2 in fp32 (torch path): each scheme rounds K (after RoPE)
+and V to its format and back where the reference writes the cache (kiln.kernels.rope's
+write_kv_ref); the cache stays fp32, so schemes differ only in that rounding. Scored as
+benchmarks/quant_quality.py scores engines: perplexity on kiln/data/evaluation.txt against
+fp32's, mean KL of the next-token distributions from fp32's, and the spread of `--seeds`
+readings under 1e-6 embedding noise. "e4m3, per-layer scales" uses the scales a kv-fp8 build
+calibrates, so it reproduces that engine (quant-quality-smollm2.json, mode kv-fp8).
+
+The Hadamard scheme rounds K and V in an orthonormal Walsh-Hadamard basis over head_dim and
+rotates back: what a kernel gets by rotating q and k alike (scores unchanged) and V before the
+cache and after the weighted sum.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+E4M3_MAX = 448.0
+
+
+def _e4m3(x, scale):
+    import torch
+
+    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * scale
+
+
+def _int8(x, scale):
+    return (x / scale).round().clamp(-127, 127) * scale
+
+
+def _per_token(x, qmax: float):
+    """One scale per (token, KV head): x [T, H, D] -> [T, H, 1]."""
+    return x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / qmax
+
+
+def _hadamard(d: int):
+    import torch
+
+    h = torch.ones(1, 1)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / d ** 0.5
+
+
+def schemes(k_scale: list[float], v_scale: list[float]) -> dict:
+    """name -> (layer, k, v) -> (k, v) rounded; k_scale / v_scale: a kv-fp8 build's per-layer scales."""
+    def layer_k(i, k):
+        return _e4m3(k, k_scale[i])
+
+    def layer_v(i, v):
+        return _e4m3(v, v_scale[i])
+
+    def token_e4m3(x):
+        return _e4m3(x, _per_token(x, E4M3_MAX))
+
+    def hadamard_token_e4m3(x):
+        h = _hadamard(x.shape[-1])
+        return token_e4m3(x @ h) @ h.T
+
+    def token_int8(x):
+        return _int8(x, _per_token(x, 127.0))
+
+    return {
+        "e4m3, per-layer scales (the kv-fp8 engine)": lambda i, k, v: (layer_k(i, k), layer_v(i, v)),
+        "K only: e4m3 per-layer, V exact": lambda i, k, v: (layer_k(i, k), v),
+        "V only: e4m3 per-layer, K exact": lambda i, k, v: (k, layer_v(i, v)),
+        "e4m3, per-(token, head) scales": lambda i, k, v: (token_e4m3(k), token_e4m3(v)),
+        "e4m3 after a Hadamard rotation, per-(token, head) scales":
+            lambda i, k, v: (hadamard_token_e4m3(k), hadamard_token_e4m3(v)),
+        "K int8 per-(token, head), V e4m3 per-layer": lambda i, k, v: (token_int8(k), layer_v(i, v)),
+        "int8 per-(token, head), K and V": lambda i, k, v: (token_int8(k), token_int8(v)),
+        "K bf16, V e4m3 per-layer": lambda i, k, v: (k.bfloat16().float(), layer_v(i, v)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=5, help="perturbed readings per scheme")
+    ap.add_argument("--name", default="kv-quant-study-smollm2")
+    args = ap.parse_args()
+
+    import torch
+
+    import kiln.kernels.rope as rope
+    from benchmarks.common import write_result
+    from benchmarks.quant_quality import _scores
+    from kiln import LLM
+    from kiln.config import EngineConfig, QuantConfig
+    from kiln.workers.builder import Builder
+    from kiln.workers.loaders import embedded_model_path, resolve_model
+
+    with tempfile.TemporaryDirectory() as tmp:  # the per-layer scales a kv-fp8 build calibrates
+        Builder(EngineConfig(device="cpu", quant=QuantConfig(kv_cache_dtype="fp8")), verbose=False).build(
+            tmp, resolve_model(embedded_model_path()))
+        built = LLM(tmp, device="cpu")
+        scales = [layer.self_attn.kv_scale.tolist() for layer in built.executor.engine.model.layers]
+        del built
+    table = schemes([s[0] for s in scales], [s[1] for s in scales])
+
+    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kiln", "data",
+                             "evaluation.txt")).read()
+    base = LLM(None, device="cpu")
+    model = base.executor.engine.model
+    ids = base.tokenizer.encode(text)
+    ref = base.executor.log_probs(ids)
+    ppl0, _ = _scores(base, ids, None, None)
+
+    # The layer whose attention is running, for write_kv_ref (which sees only tensors).
+    state = {"layer": 0, "scheme": None}
+    for i, layer in enumerate(model.layers):
+        layer.self_attn.register_forward_pre_hook(lambda _m, _a, i=i: state.update(layer=i))
+    write = rope.write_kv_ref
+
+    def rounded_write(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
+        if state["scheme"] is not None:
+            k, v = state["scheme"](state["layer"], k.float(), v.float())
+        write(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+
+    rope.write_kv_ref = rounded_write
+    figures = {"model": "SmolLM2-135M-Instruct (embedded GGUF), fp32, torch path", "text": "kiln/data/evaluation.txt",
+               "tokens": len(ids), "fp32_perplexity": round(ppl0, 4), "kv_fp8_build_scales": scales, "schemes": {}}
+    try:
+        for name, fn in table.items():
+            state["scheme"] = fn
+            with torch.inference_mode():
+                ppl, kl = _scores(base, ids, ref, None)
+                runs = [_scores(base, ids, ref, s) for s in range(args.seeds)]
+            rel = [p / ppl0 - 1 for p, _ in runs]
+            figures["schemes"][name] = {
+                "perplexity_vs_fp32": round(ppl / ppl0 - 1, 5), "kl": round(kl, 5),
+                "perturbed_perplexity_vs_fp32": {"mean": round(statistics.mean(rel), 5), "min": round(min(rel), 5),
+                                                 "max": round(max(rel), 5)},
+                "perturbed_kl_mean": round(statistics.mean(k for _, k in runs), 5)}
+            m = figures["schemes"][name]
+            print(f"{name:58s} KL {kl:.4f}  ppl {m['perplexity_vs_fp32']:+.2%}  perturbed mean "
+                  f"{m['perturbed_perplexity_vs_fp32']['mean']:+.2%} ({m['perturbed_perplexity_vs_fp32']['min']:+.2%}"
+                  f"..{m['perturbed_perplexity_vs_fp32']['max']:+.2%})", flush=True)
+    finally:
+        rope.write_kv_ref = write
+    print("wrote", write_result(args.name, figures, targets={"kv_fp8_perplexity": 0.01}))
+
+
+if __name__ == "__main__":
+    main()
