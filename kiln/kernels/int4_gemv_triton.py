@@ -3,13 +3,14 @@
 Reading the weights is the whole cost, and the kernel is bound by instruction issue as much as
 by memory (~3.8 SASS instructions per weight). K is a compile-time constant, so the tiles of a
 row are straight-line code (a loop only past two tiles) whose loads need no masks: masked
-loads zeroed their registers first and cost 13% more instructions (batch-1 int4 Llama-8B on the
-H100: 2.44 -> 2.30 ms per token). int4 codes sit eight to an int32, plane-major within a group (nibble j of word i is
-k = j * group/8 + i, kiln/kernels/quant.py), so each nibble plane meets a contiguous run of x;
-a thread holds a few rows of the same words, so x is loaded and widened once for all of them.
-A nibble becomes a float by masking it into the mantissa of 256.0f or 16.0f (no int->float
-convert, no scaling of x), two nibbles per shift. A few rows of x: one program per (row,
-tile), neighbours in the grid, so all but the first read the tile from L2.
+loads zeroed their registers first and cost 13% more instructions (batch-1 int4 Llama-8B on
+the H100: 2.44 -> 2.30 ms per token). int4 codes sit eight to an int32, plane-major within a
+group (nibble j of word i is k = j * group/8 + i, kiln/kernels/quant.py), so each nibble plane
+meets a contiguous run of x; a thread holds a few rows of the same words, so x is loaded and
+widened once for all of them. A nibble becomes a float by masking it into the mantissa of
+256.0f or 16.0f (no int->float convert, no scaling of x), two nibbles per shift. A few rows of
+x: one program per (row, tile), neighbours in the grid, so all but the first read the tile
+from L2.
 
 Two epilogues each save a kernel at small-batch decode: SwiGLU for [gate | up] (`gemv` with
 `up_offset`), and RoPE with the KV-cache write for [q | k | v] (`qkv_rope`).
@@ -133,9 +134,9 @@ def _int4_gemv_rows(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, K: tl.constexpr,
 
 
 @triton.jit
-def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K: tl.constexpr, x_stride, w_stride, s_stride, out_stride,
-                      magic_even, magic_odd, up_offset, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-                      SWIGLU: tl.constexpr = False, PDL: tl.constexpr = False):
+def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K: tl.constexpr, x_stride, w_stride, s_stride,
+                      out_stride, magic_even, magic_odd, up_offset, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP: tl.constexpr, SWIGLU: tl.constexpr = False, PDL: tl.constexpr = False):
     """One row of x against [BLOCK_N, K] of plane-major int4 W. Each thread holds all BLOCK_N
     rows of a chunk of 4 consecutive words (one 16-byte load per row, inside one group), so x
     is loaded and widened once for all rows, and the chunk's 32 products per row go into one
