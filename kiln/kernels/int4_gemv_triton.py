@@ -4,7 +4,7 @@ Reading the weights is the whole cost, and the kernel is bound by instruction is
 by memory (~3.8 SASS instructions per weight). K is a compile-time constant, so the tiles of a
 row are straight-line code (a loop only past two tiles) whose loads need no masks: masked
 loads zeroed their registers first and cost 13% more instructions (batch-1 int4 Llama-8B on
-the H100: 2.44 -> 2.30 ms per token). int4 codes sit eight to an int32, plane-major within a
+the H100: 2.455 -> 2.294 ms per token, benchmarks/results/builder-h100.json). int4 codes sit eight to an int32, plane-major within a
 group (nibble j of word i is k = j * group/8 + i, kiln/kernels/quant.py), so each nibble plane
 meets a contiguous run of x; a thread holds a few rows of the same words, so x is loaded and
 widened once for all of them. A nibble becomes a float by masking it into the mantissa of
@@ -32,12 +32,12 @@ INT4_GEMV_MAX_M = 3
 TILES = (4, 2048, 2, 1)
 INTERPRETER_TILES = (8, 256, 1, 1)
 # The QKV + RoPE GEMV: (rows a program, BLOCK_K, warps, stages). 8 rows (768 programs at
-# Llama-8B, one H100 wave) ran the kernel 0.304 -> 0.275 ms per batch-1 step without PDL, but
-# the step took 2.462 ms against 2.443 with 4 rows with PDL (one call, 5 runs each): 4 it is.
+# Llama-8B, one H100 wave) made the kernel faster without PDL but the batch-1 step slower with
+# it, in an A/B on the H100: 4 it is.
 QKV_TILES = (4, 2048, 2, 1)
 INTERPRETER_QKV_TILES = (8, 256, 1, 1)
 # A register cap for both kernels (None: the compiler's, 127 at Llama-8B's 4096-wide rows and 167
-# at 14336; a cap of 128 or 112 ran batch-1 decode 0.5% slower on the H100).
+# at 14336; caps of 128 and 112 made batch-1 decode slightly slower in an A/B on the H100).
 MAXNREG = None
 # 256.0f and 16.0f, passed as arguments so they sit in registers (mask-and-or is then one LOP3).
 MAGIC_EVEN, MAGIC_ODD = 0x43800000, 0x41800000
