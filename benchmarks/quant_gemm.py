@@ -115,7 +115,11 @@ def main() -> None:
     ap.add_argument("--sweep-fp8", action="store_true", help="with --sweep: the 8-bit GEMV's tiles too")
     ap.add_argument("--sweep-shapes", action="store_true", help="the int4 GEMV's tiles per layer shape")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024])
+    ap.add_argument("--int4-gemv-rows", type=int, default=None,
+                    help="time the int4 GEMV up to this many rows, past the engine's INT4_GEMV_MAX_M")
     args = ap.parse_args()
+    if args.int4_gemv_rows:  # the GEMV checks its row count against this at each call
+        int4_gemv_triton.INT4_GEMV_MAX_M = args.int4_gemv_rows
     torch.manual_seed(0)
     ws = make_weights()
     bytes_ = {"bf16": weight_bytes(ws, "bf16"), "int4": weight_bytes(ws, "int4"), "fp8": weight_bytes(ws, "fp8")}
@@ -143,8 +147,9 @@ def main() -> None:
     for M in args.rows:
         row = {"bf16_ms": layer_ms(ws, M, "bf16")}
         paths = ["int4-tc", "fp8-tc", "fp8-scaled-mm", "int4-dequant"]
-        if M <= 4:
-            paths = (["int4-gemv"] if M <= int4_gemv_triton.INT4_GEMV_MAX_M else []) + ["fp8-gemv"] + paths
+        # The GEMVs where they may run (the 8-bit one up to 4 rows, to show where it stops paying).
+        paths = ((["int4-gemv"] if M <= int4_gemv_triton.INT4_GEMV_MAX_M else []) + (["fp8-gemv"] if M <= 4 else [])
+                 + paths)
         for p in paths:
             try:
                 row[p + "_ms"] = layer_ms(ws, M, p, check=True)

@@ -3,7 +3,7 @@
 Decode (one row of x): reading the weights is the whole cost. A register
 GEMV reads each weight tile once along K with vector loads, widens the codes,
 and keeps products elementwise until one reduction at the end. fp8 streams at
-~85% of the copy ceiling. int4's decode GEMV (1-3 rows, with its SwiGLU and
+~85% of the copy ceiling. int4's decode GEMV (1-6 rows, with its SwiGLU and
 RoPE epilogues) is kiln/kernels/int4_gemv_triton.py.
 
 Larger batches: a tensor-core kernel widens the codes (8-bit, or int4
