@@ -27,8 +27,8 @@ from kiln.kernels.rope_triton import kv_cache_value, rotate
 
 # One program per row of x and weight tile, reading the tile from L2 for all rows but one. Each
 # row past the first adds ~0.034 ms per Llama-8B layer on the H100; up to 6 rows that beats the
-# tensor-core kernel (4 rows: 0.143 against 0.216 ms, 6: 0.213 against 0.229; 7: 0.247 against
-# 0.236 ms: benchmarks/quant_gemm.py --int4-gemv-rows 8, quant-gemm-h100.json).
+# tensor-core kernel (4 rows: 0.144 against 0.213 ms, 6: 0.212 against 0.229; 7: 0.246 against
+# 0.237 ms: benchmarks/quant_gemm.py --int4-gemv-rows 8, quant-gemm-h100.json).
 INT4_GEMV_MAX_M = 6
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU (benchmarks/quant_gemm.py --sweep, H100);
 # BLOCK_K = 1024 * num_warps gives each thread 4 words (one 16-byte load) of every row.
