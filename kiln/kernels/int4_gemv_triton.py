@@ -4,13 +4,13 @@ Reading the weights is the whole cost, and the kernel is bound by instruction is
 by memory (~3.8 SASS instructions per weight). K is a compile-time constant, so the tiles of a
 row are straight-line code (a loop only past two tiles) whose loads need no masks: masked
 loads zeroed their registers first and cost 13% more instructions (batch-1 int4 Llama-8B on
-the H100: 2.455 -> 2.294 ms per token, benchmarks/results/builder-h100.json). int4 codes sit eight to an int32, plane-major within a
-group (nibble j of word i is k = j * group/8 + i, kiln/kernels/quant.py), so each nibble plane
-meets a contiguous run of x; a thread holds a few rows of the same words, so x is loaded and
-widened once for all of them. A nibble becomes a float by masking it into the mantissa of
-256.0f or 16.0f (no int->float convert, no scaling of x), two nibbles per shift. A few rows of
-x: one program per (row, tile), neighbours in the grid, so all but the first read the tile
-from L2.
+the H100: 2.455 -> 2.294 ms per token, benchmarks/results/builder-h100.json). int4 codes sit
+eight to an int32, plane-major within a group (nibble j of word i is k = j * group/8 + i,
+kiln/kernels/quant.py), so each nibble plane meets a contiguous run of x; a thread holds a
+few rows of the same words, so x is loaded and widened once for all of them. A nibble becomes
+a float by masking it into the mantissa of 256.0f or 16.0f (no int->float convert, no scaling
+of x), two nibbles per shift. A few rows of x: one program per (row, tile), neighbours in the
+grid, so all but the first read the tile from L2.
 
 Two epilogues each save a kernel at small-batch decode: SwiGLU for [gate | up] (`gemv` with
 `up_offset`), and RoPE with the KV-cache write for [q | k | v] (`qkv_rope`).
@@ -39,9 +39,8 @@ INTERPRETER_TILES = (8, 256, 1, 1)
 # it, in an A/B on the H100: 4 it is.
 QKV_TILES = (4, 2048, 2, 1)
 INTERPRETER_QKV_TILES = (8, 256, 1, 1)
-# A register cap for both kernels (None: the compiler's, 127 at Llama-8B's 4096-wide rows and 167
-# at 14336; caps of 128 and 112 made batch-1 decode slightly slower in an A/B on the H100).
-MAXNREG = None
+# No register cap: the compiler takes 127 at Llama-8B's 4096-wide rows and 167 at 14336, and caps
+# of 128 and 112 (maxnreg) made batch-1 decode slightly slower in an A/B on the H100.
 # 256.0f and 16.0f, passed as arguments so they sit in registers (mask-and-or is then one LOP3).
 MAGIC_EVEN, MAGIC_ODD = 0x43800000, 0x41800000
 
@@ -256,7 +255,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
     _int4_gemv_kernel[(M, triton.cdiv(n_out, per_program))](
         x, w, scales, mins, out, n_out, K, x.stride(0), w.stride(0), scales.stride(0), out.stride(0),
         MAGIC_EVEN, MAGIC_ODD, up_offset or 0, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group,
-        SWIGLU=up_offset is not None, num_warps=warps, num_stages=stages, maxnreg=MAXNREG, **backend.pdl_launch(x))
+        SWIGLU=up_offset is not None, num_warps=warps, num_stages=stages, **backend.pdl_launch(x))
     return out
 
 
@@ -279,6 +278,5 @@ def qkv_rope(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch
         x, w, scales, mins, q, positions, cos_sin, k_cache, v_cache, slot_mapping, K, x.stride(0), w.stride(0),
         scales.stride(0), q.stride(0), cos_sin.stride(0), 1.0 / k_scale, 1.0 / v_scale, MAGIC_EVEN, MAGIC_ODD,
         HQ=heads, HKV=kv_heads, D=head_dim, ROWS=rows, BLOCK_K=block_k, GROUP=group,
-        KV_FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=warps, num_stages=stages, maxnreg=MAXNREG,
-        **backend.pdl_launch(x))
+        KV_FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=warps, num_stages=stages, **backend.pdl_launch(x))
     return q
