@@ -24,13 +24,13 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-E4M3_MAX = 448.0
-
-
 def _e4m3(x, scale):
+    """x through an FP8 KV cache with `scale` (a float, or per-(token, head) [T, H, 1]) and back."""
     import torch
 
-    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * scale
+    from kiln.kernels.quant import FP8, from_kv_cache, to_kv_cache
+
+    return from_kv_cache(to_kv_cache(x, FP8, scale), torch.float32, scale)
 
 
 def _int8(x, scale):
@@ -60,7 +60,9 @@ def schemes(k_scale: list[float], v_scale: list[float]) -> dict:
         return _e4m3(v, v_scale[i])
 
     def token_e4m3(x):
-        return _e4m3(x, _per_token(x, E4M3_MAX))
+        from kiln.kernels.quant import FP8_MAX
+
+        return _e4m3(x, _per_token(x, FP8_MAX))
 
     def hadamard_token_e4m3(x):
         h = _hadamard(x.shape[-1])
