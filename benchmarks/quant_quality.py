@@ -52,6 +52,9 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument("--seeds", type=int, default=10, help="perturbed readings per mode")
     ap.add_argument("--name", default="quant-quality-smollm2")
+    ap.add_argument("--kv-smooth-alpha", type=float, nargs="+", default=None,
+                    help="build kv-fp8 once per K smoothing alpha (kiln.workers.quantize.KV_SMOOTH_ALPHA) "
+                         "and score each")
     args = ap.parse_args()
 
     import statistics
@@ -59,6 +62,7 @@ def main() -> None:
     from benchmarks.common import write_result
     from kiln import LLM
     from kiln.config import EngineConfig, QuantConfig
+    from kiln.workers import quantize
     from kiln.workers.builder import Builder
     from kiln.workers.loaders import embedded_model_path, resolve_model
 
@@ -73,10 +77,13 @@ def main() -> None:
     noisy = [_scores(base, ids, None, s)[0] for s in range(min(args.seeds, 3))]
     figures["fp32_perplexity_perturbed"] = [round(p, 4) for p in noisy]
     source = resolve_model(embedded_model_path())
+    runs_of = {"kv-fp8": [(f"kv-fp8 alpha {a}", a) for a in args.kv_smooth_alpha]} if args.kv_smooth_alpha else {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.modes:
+        for mode, name, alpha in [(m, *r) for m in args.modes for r in runs_of.get(m, [(m, None)])]:
             path = os.path.join(tmp, name)
-            Builder(EngineConfig(device="cpu", quant=QuantConfig(**MODES[name])), verbose=False).build(path, source)
+            if alpha is not None:
+                quantize.KV_SMOOTH_ALPHA = alpha
+            Builder(EngineConfig(device="cpu", quant=QuantConfig(**MODES[mode])), verbose=False).build(path, source)
             llm = LLM(path, device="cpu")
             ppl, kl = _scores(llm, ids, ref, None)
             runs = [_scores(llm, ids, ref, s) for s in range(args.seeds)]
@@ -88,7 +95,7 @@ def main() -> None:
                                                  "min": round(min(rel), 5), "max": round(max(rel), 5)},
                 "perturbed_kl_mean": round(statistics.mean(k for _, k in runs), 5)}
             m = figures["modes"][name]
-            print(f"{name:9s} ppl {m['perplexity_vs_fp32']:+.2%}  KL {kl:.4f}  perturbed: mean "
+            print(f"{name:16s} ppl {m['perplexity_vs_fp32']:+.2%}  KL {kl:.4f}  perturbed: mean "
                   f"{m['perturbed_perplexity_vs_fp32']['mean']:+.2%} std {m['perturbed_perplexity_vs_fp32']['std']:.2%}"
                   f" range {m['perturbed_perplexity_vs_fp32']['min']:+.2%}..{m['perturbed_perplexity_vs_fp32']['max']:+.2%}",
                   flush=True)

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from kiln.kernels import backend
 from kiln.kernels.pdl_triton import pdl_wait
-from kiln.kernels.rope_triton import kv_cache_value, rotate
+from kiln.kernels.rope_triton import rotate
 
 # One program per row of x and weight tile, reading the tile from L2 for all rows but one. Each
 # row past the first adds ~0.034 ms per Llama-8B layer on the H100; up to 6 rows that beats the
@@ -175,9 +175,9 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K: tl.constexpr, x
 
 @triton.jit
 def _int4_qkv_rope_kernel(x_ptr, w_ptr, s_ptr, z_ptr, q_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr, K: tl.constexpr,
-                          x_stride, w_stride, s_stride, q_stride, cs_stride, inv_k_scale, inv_v_scale,
+                          x_stride, w_stride, s_stride, q_stride, cs_stride,
                           magic_even, magic_odd, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                          ROWS: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, KV_FP8: tl.constexpr,
+                          ROWS: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
                           PDL: tl.constexpr = False):
     """The int4 QKV GEMV with RoPE and the KV-cache write in its epilogue (one token per row of
     x), as rope_triton.rope_and_cache does after the plain GEMV. A program takes ROWS weight
@@ -217,11 +217,11 @@ def _int4_qkv_rope_kernel(x_ptr, w_ptr, s_ptr, z_ptr, q_ptr, pos_ptr, cs_ptr, kc
             tl.store(q_ptr + t * q_stride + head * D + HALF + i, rb)
         elif slot >= 0:
             c = row + (head - HQ) * D + i
-            tl.store(kc_ptr + c, kv_cache_value(ra, inv_k_scale, KV_FP8).to(kc_ptr.dtype.element_ty))
-            tl.store(kc_ptr + c + HALF, kv_cache_value(rb, inv_k_scale, KV_FP8).to(kc_ptr.dtype.element_ty))
+            tl.store(kc_ptr + c, ra)
+            tl.store(kc_ptr + c + HALF, rb)
     elif slot >= 0:
         c = row + (pid - PAIR_PROGRAMS) * ROWS + r
-        tl.store(vc_ptr + c, kv_cache_value(y, inv_v_scale, KV_FP8).to(vc_ptr.dtype.element_ty))
+        tl.store(vc_ptr + c, y)
 
 
 def check_group(group: int) -> None:
@@ -260,13 +260,17 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
 
 
 def qkv_rope(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, heads: int,
-                  kv_heads: int, head_dim: int, positions: torch.Tensor, cos_sin: torch.Tensor,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float,
-                  v_scale: float, tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+             kv_heads: int, head_dim: int, positions: torch.Tensor, cos_sin: torch.Tensor,
+             k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """q (rotated) [M, heads * head_dim] from an int4 [q | k | v] weight, with k (rotated) and v
     written to the cache: the GEMV and rope_triton.rope_and_cache in one kernel, for up to
-    INT4_GEMV_MAX_M tokens. `tiles` overrides QKV_TILES (rows a program, BLOCK_K, warps, stages)."""
+    INT4_GEMV_MAX_M tokens. `tiles` overrides QKV_TILES (rows a program, BLOCK_K, warps, stages).
+    The cache must be of x's dtype: an FP8 cache's K is Hadamard-rotated over whole heads, which
+    a program holding a few rows of a head cannot do (rope_and_cache does it)."""
     M, K = x.shape
+    if k_cache.dtype != x.dtype or v_cache.dtype != x.dtype:
+        raise ValueError(f"the fused int4 QKV GEMV writes a {x.dtype} KV cache, got {k_cache.dtype}")
     group = w.shape[1] * 8 // scales.shape[1]
     rows, block_k, warps, stages = tiles or (QKV_TILES if x.is_cuda else INTERPRETER_QKV_TILES)
     if M > INT4_GEMV_MAX_M or head_dim % rows:  # a program's rotation pairs stay within half a head
@@ -276,7 +280,7 @@ def qkv_rope(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch
     programs = (heads + kv_heads) * head_dim // rows + kv_heads * head_dim // rows
     _int4_qkv_rope_kernel[(M, programs)](
         x, w, scales, mins, q, positions, cos_sin, k_cache, v_cache, slot_mapping, K, x.stride(0), w.stride(0),
-        scales.stride(0), q.stride(0), cos_sin.stride(0), 1.0 / k_scale, 1.0 / v_scale, MAGIC_EVEN, MAGIC_ODD,
+        scales.stride(0), q.stride(0), cos_sin.stride(0), MAGIC_EVEN, MAGIC_ODD,
         HQ=heads, HKV=kv_heads, D=head_dim, ROWS=rows, BLOCK_K=block_k, GROUP=group,
-        KV_FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=warps, num_stages=stages, **backend.pdl_launch(x))
+        num_warps=warps, num_stages=stages, **backend.pdl_launch(x))
     return q

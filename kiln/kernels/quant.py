@@ -110,8 +110,13 @@ def check_fp8_supported(device: torch.device, what: str = "quant 'fp8'",
                              f"{torch.cuda.get_device_name(device)} is {major}.{minor}. {instead}")
 
 
-def check_fp8_kv_cache_supported(device: torch.device) -> None:
+def check_fp8_kv_cache_supported(device: torch.device, head_dim: int | None = None) -> None:
+    """The GPU must have e4m3, and head_dim must be a power of two: an FP8 cache holds K
+    Walsh-Hadamard-rotated over the head (kiln/kernels/rope.py)."""
     check_fp8_supported(device, "kv_cache_dtype 'fp8'", "Use --kv-cache-dtype auto")
+    if head_dim is not None and (head_dim < 1 or head_dim & (head_dim - 1)):
+        raise ValueError(f"kv_cache_dtype 'fp8' needs a power-of-two head_dim (K is stored Hadamard-rotated); "
+                         f"this model's head_dim is {head_dim}. Use --kv-cache-dtype auto")
 
 
 # -- int8 weight-only --------------------------------------------------------------
@@ -212,15 +217,15 @@ def int4_swiglu(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, min
 
 def int4_qkv_rope(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, heads: int,
                   kv_heads: int, head_dim: int, positions: torch.Tensor, cos_sin: torch.Tensor,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float,
-                  v_scale: float) -> torch.Tensor | None:
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor | None:
     """q with RoPE applied, k and v in the cache, from an int4 [q | k | v] weight in one GEMV whose
-    epilogue does what rope.rope_and_cache does, where that kernel runs; else None."""
+    epilogue does what rope.rope_and_cache does, where that kernel runs and the cache is of the
+    model's dtype (an FP8 cache's Hadamard rotation needs whole heads); else None."""
     kernels = _int4_gemv(x)
-    if kernels is None:
+    if kernels is None or k_cache.dtype == FP8:
         return None
     return kernels.qkv_rope(x.contiguous(), packed, scales, mins, heads, kv_heads, head_dim, positions, cos_sin,
-                            k_cache, v_cache, slot_mapping, k_scale, v_scale)
+                            k_cache, v_cache, slot_mapping)
 
 
 # -- the FP8 KV cache ----------------------------------------------------------------

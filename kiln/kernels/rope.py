@@ -3,6 +3,16 @@
 `rope_and_cache` is what the attention layer calls: rotate q and k in place,
 then store k and v at their cache slots. The Triton version does both in one
 pass over k.
+
+With an FP8 cache, q and k then leave transformed so that scores stay the same but
+e4m3 rounds K more gently (`fp8_kv_transform_ref`): each channel of k is divided,
+and of q multiplied, by a per-(KV head, channel) smoothing factor the builder
+calibrates (QServe's SmoothAttention), and both are multiplied by an orthonormal
+Walsh-Hadamard matrix over head_dim (q.k = Hq.Hk). K's few large channels, which
+carry the scores that matter, are shrunk and spread over all channels before
+e4m3's 3-bit mantissa rounds them; that rounding was nine tenths of the FP8
+cache's loss (benchmarks/kv_quant_study.py). V is stored as it is. The attention
+kernels need no change.
 """
 from __future__ import annotations
 
@@ -12,6 +22,7 @@ import torch
 
 from kiln.kernels import backend
 from kiln.kernels.attention import write_kv_ref
+from kiln.kernels.quant import FP8
 
 ROPE_TYPES = ("default", "llama3", "linear", "freq_factors")
 
@@ -56,9 +67,45 @@ def apply_rope_ref(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tens
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+_HADAMARD: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def hadamard_sign_matrix(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[n, n] float32 Sylvester Hadamard matrix of +-1 (n a power of two); symmetric, H @ H = n I."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard rotation needs a power-of-two head_dim, got {n}")
+    key = (n, str(device))
+    if key not in _HADAMARD:
+        h = torch.ones(1, 1)
+        while h.shape[0] < n:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        _HADAMARD[key] = h.to(device)
+    return _HADAMARD[key]
+
+
+def hadamard_ref(x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] times the orthonormal Walsh-Hadamard matrix (its own inverse), in x's dtype
+    (math in fp32)."""
+    d = x.shape[-1]
+    return ((x.float() @ hadamard_sign_matrix(d, x.device)) * d ** -0.5).to(x.dtype)
+
+
+def fp8_kv_transform_ref(q: torch.Tensor, k: torch.Tensor, k_smooth: torch.Tensor | None) -> None:
+    """q [T, Hq, D] and k [T, Hkv, D] (after RoPE) as an FP8 cache wants them, in place: smoothed
+    by k_smooth [Hkv, D] (k divided, each query head multiplied by its KV head's row), rounded,
+    then Hadamard-rotated."""
+    if k_smooth is not None:
+        group = q.shape[1] // k.shape[1]
+        q.copy_(q.float() * k_smooth.repeat_interleave(group, 0))
+        k.copy_(k.float() / k_smooth)
+    q.copy_(hadamard_ref(q))
+    k.copy_(hadamard_ref(k))
+
+
 def rope_and_cache_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                        cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+                       slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0,
+                       k_smooth: torch.Tensor | None = None) -> None:
     hq, hk = q.shape[1], k.shape[1]
     if q.stride() == k.stride() and k.data_ptr() == q.data_ptr() + hq * q.stride(1) * q.element_size():
         # q and k are neighbours in the fused QKV output: rotate them as one tensor.
@@ -67,16 +114,21 @@ def rope_and_cache_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
     else:
         q.copy_(apply_rope_ref(q, positions, cos_sin))
         k.copy_(apply_rope_ref(k, positions, cos_sin))
+    if k_cache.dtype == FP8:
+        fp8_kv_transform_ref(q, k, k_smooth)
     write_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                    cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
-    """Rotate q [T, Hq, D] and k [T, Hkv, D] in place; write k, v into the cache
-    (divided by k_scale / v_scale when the cache is FP8)."""
+                   slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0,
+                   k_smooth: torch.Tensor | None = None) -> None:
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] in place; write k, v into the cache. When the cache
+    is FP8, q and k are also smoothed (k_smooth [Hkv, D] float32, None for none) and
+    Hadamard-rotated, and K and V are stored divided by k_scale / v_scale."""
     if backend.use_triton(q):
         from kiln.kernels import rope_triton
         return rope_triton.rope_and_cache(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping,
-                                          k_scale, v_scale)
-    return rope_and_cache_ref(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+                                          k_scale, v_scale, k_smooth)
+    return rope_and_cache_ref(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, k_scale, v_scale,
+                              k_smooth)

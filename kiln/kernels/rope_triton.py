@@ -2,7 +2,9 @@
 
 One program per token: it rotates all of the token's query heads in place,
 rotates its key heads, and stores keys and values at the token's cache slot.
-A slot of -1 (padding in a captured CUDA graph) writes nothing.
+A slot of -1 (padding in a captured CUDA graph) writes nothing. With an FP8 cache
+q and k are then smoothed and Hadamard-rotated as rope.fp8_kv_transform_ref does (see
+kiln/kernels/rope.py).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import triton.language as tl
 
 from kiln.kernels import backend
 from kiln.kernels.pdl_triton import pdl_wait
+from kiln.kernels.rope import hadamard_sign_matrix
 
 
 @triton.jit
@@ -37,10 +40,41 @@ def kv_cache_value(x, inv_scale, FP8: tl.constexpr):
 
 
 @triton.jit
-def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr,
+def fp8_kv_transform(r1, r2, s1, s2, h, norm, DTYPE: tl.constexpr, IEEE: tl.constexpr, SMOOTH: tl.constexpr,
+                     DIVIDE: tl.constexpr):
+    """Rows [r1 | r2] (fp32 after RoPE, each [rows, HALF]) as rope.fp8_kv_transform_ref leaves
+    them: rounded to DTYPE; with SMOOTH divided (k) or multiplied (q) by the halves s1, s2 of the
+    smoothing rows and rounded again; times the orthonormal Hadamard matrix of 2 * HALF, whose
+    blocks are [[h, h], [h, -h]] * norm (h the +-1 matrix of HALF, norm (2 * HALF) ** -0.5).
+    Returns the two halves in fp32. The two products stay apart so that each operand is a DTYPE
+    value, which tf32 holds exactly for bf16 and fp16 (h is +-1); IEEE (an fp32 model) keeps
+    full fp32 products."""
+    a = r1.to(DTYPE).to(tl.float32)
+    b = r2.to(DTYPE).to(tl.float32)
+    if SMOOTH:
+        if DIVIDE:
+            a = a / s1
+            b = b / s2
+        else:
+            a = a * s1
+            b = b * s2
+        a = a.to(DTYPE).to(tl.float32)
+        b = b.to(DTYPE).to(tl.float32)
+    if IEEE:
+        ha = tl.dot(a, h, input_precision="ieee")
+        hb = tl.dot(b, h, input_precision="ieee")
+    else:
+        ha = tl.dot(a, h)
+        hb = tl.dot(b, h)
+    return (ha + hb) * norm, (ha - hb) * norm
+
+
+@triton.jit
+def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr, h_ptr, h_norm, sm_ptr,
                        q_stride, k_stride, v_stride, cs_stride, cache_slot_stride, inv_k_scale, inv_v_scale,
                        KV_FP8: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
-                       BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, PDL: tl.constexpr = False):
+                       BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, IEEE: tl.constexpr,
+                       SMOOTH: tl.constexpr, PDL: tl.constexpr = False):
     t = tl.program_id(0).to(tl.int64)
     pdl_wait(PDL)
     pos = tl.load(pos_ptr + t)
@@ -48,10 +82,17 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slo
     cos = tl.load(cs_ptr + pos * cs_stride + d)[None, :]
     sin = tl.load(cs_ptr + pos * cs_stride + HALF + d)[None, :]
 
+    if KV_FP8:  # the Hadamard halves' +-1 matrix
+        h = tl.load(h_ptr + d[:, None] * HALF + d[None, :])
     hq = tl.arange(0, BLOCK_HQ)[:, None]
     mq = hq < HQ
     q1p = q_ptr + t * q_stride + hq * (2 * HALF) + d[None, :]
     r1, r2 = rotate(tl.load(q1p, mask=mq, other=0.0), tl.load(q1p + HALF, mask=mq, other=0.0), cos, sin)
+    if KV_FP8:
+        s1p = sm_ptr + (hq // (HQ // HKV)) * (2 * HALF) + d[None, :]  # each query head's KV head
+        r1, r2 = fp8_kv_transform(r1, r2, tl.load(s1p, mask=mq & SMOOTH, other=1.0),
+                                  tl.load(s1p + HALF, mask=mq & SMOOTH, other=1.0), h, h_norm,
+                                  q_ptr.dtype.element_ty, IEEE, SMOOTH, False)
     tl.store(q1p, r1.to(q_ptr.dtype.element_ty), mask=mq)
     tl.store(q1p + HALF, r2.to(q_ptr.dtype.element_ty), mask=mq)
 
@@ -59,6 +100,11 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slo
     mk = hk < HKV
     k1p = k_ptr + t * k_stride + hk * (2 * HALF) + d[None, :]
     r1, r2 = rotate(tl.load(k1p, mask=mk, other=0.0), tl.load(k1p + HALF, mask=mk, other=0.0), cos, sin)
+    if KV_FP8:
+        s1p = sm_ptr + hk * (2 * HALF) + d[None, :]
+        r1, r2 = fp8_kv_transform(r1, r2, tl.load(s1p, mask=mk & SMOOTH, other=1.0),
+                                  tl.load(s1p + HALF, mask=mk & SMOOTH, other=1.0), h, h_norm,
+                                  k_ptr.dtype.element_ty, IEEE, SMOOTH, True)
     r1 = r1.to(k_ptr.dtype.element_ty)
     r2 = r2.to(k_ptr.dtype.element_ty)
     tl.store(k1p, r1, mask=mk)
@@ -79,7 +125,8 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slo
 
 def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                    cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+                   slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0,
+                   k_smooth: torch.Tensor | None = None) -> None:
     T, HQ, D = q.shape
     HKV = k.shape[1]
     if T == 0:
@@ -87,7 +134,17 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
     assert D % 2 == 0 and triton.next_power_of_2(D // 2) == D // 2, "head_dim must be a power of two"
     assert q.stride(1) == D and k.stride(1) == D and v.stride(1) == D and q.stride(2) == 1
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
-    _rope_cache_kernel[(T,)](q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping,
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    # tl.dot (the Hadamard rotation) takes at least 16 rows.
+    rows = 16 if fp8 else 1
+    h = hadamard_sign_matrix(D // 2, q.device) if fp8 else cos_sin
+    smooth = fp8 and k_smooth is not None
+    if smooth:
+        assert k_smooth.shape == (HKV, D) and k_smooth.dtype == torch.float32 and k_smooth.is_contiguous()
+    _rope_cache_kernel[(T,)](q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, h, D ** -0.5,
+                             k_smooth if smooth else h,
                              q.stride(0), k.stride(0), v.stride(0), cos_sin.stride(0), HKV * D,
-                             1.0 / k_scale, 1.0 / v_scale, KV_FP8=k_cache.dtype == torch.float8_e4m3fn, HQ=HQ, HKV=HKV, HALF=D // 2, BLOCK_HQ=triton.next_power_of_2(HQ),
-                             BLOCK_HKV=triton.next_power_of_2(HKV), num_warps=4, **backend.pdl_launch(q))
+                             1.0 / k_scale, 1.0 / v_scale, KV_FP8=fp8, HQ=HQ, HKV=HKV, HALF=D // 2,
+                             BLOCK_HQ=max(rows, triton.next_power_of_2(HQ)),
+                             BLOCK_HKV=max(rows, triton.next_power_of_2(HKV)), IEEE=q.dtype == torch.float32,
+                             SMOOTH=smooth,                             num_warps=4, **backend.pdl_launch(q))

@@ -33,7 +33,9 @@ from kiln.workers.models.llama import validate_layout
 from kiln.workers.parallel import ParallelContext, layer_range
 
 log = logging.getLogger("kiln.build")
-ENGINE_FORMAT = 3  # 2: int4 codes packed plane-major within a group (kiln/kernels/quant.py); 3: quant.lm_head
+# 2: int4 codes packed plane-major within a group (kiln/kernels/quant.py); 3: quant.lm_head;
+# 4: an FP8 KV cache holds K smoothed per channel and Hadamard-rotated (kiln/kernels/rope.py)
+ENGINE_FORMAT = 4
 
 
 def kiln_version() -> str:
@@ -242,6 +244,7 @@ def engine_state(model) -> dict[str, torch.Tensor]:
 def slice_shard(full, shard, ctx: ParallelContext):
     """Fill `shard` (a rank's model on the meta device) with its slices of `full` (tp=pp=1)."""
     from kiln.workers.models.layers import MergedColumnLinear, RowParallelLinear, VocabParallelEmbedding
+    from kiln.workers.models.llama import LlamaAttention
 
     start_layer, _ = layer_range(full.cfg.num_hidden_layers, ctx.pp_rank, ctx.pp_size)
     device = full.cos_sin.device
@@ -262,6 +265,8 @@ def slice_shard(full, shard, ctx: ParallelContext):
                     per = None  # a scale per output row: every column shard keeps all of them
                 if per is not None:
                     value = value[:, m.start // per:(m.start + m.size) // per]
+            elif isinstance(m, LlamaAttention) and key == "k_smooth":  # per KV head
+                value = value[m.kv_start:m.kv_start + m.num_kv_heads]
             elif isinstance(m, VocabParallelEmbedding) and key in ("weight", "qweight", "scales"):
                 rows = value[m.start:m.start + m.per_rank]
                 value = torch.zeros(m.per_rank, *value.shape[1:], dtype=value.dtype, device=device)

@@ -81,7 +81,7 @@ class Engine:
         quant = config.quant
         if quant.kv_cache_dtype == "fp8":
             from kiln.kernels.quant import check_fp8_kv_cache_supported
-            check_fp8_kv_cache_supported(self.device)
+            check_fp8_kv_cache_supported(self.device, mc.head_dim)
         bundle = contextlib.nullcontext()  # records the kernels a built engine's first load compiles
         if source.engine is not None:  # a built engine: this rank's file, straight onto the device
             from kiln.workers.builder import check_engine, load_engine_model

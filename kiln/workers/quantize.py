@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from kiln.kernels import quant as qk
+from kiln.kernels.rope import fp8_kv_transform_ref
 from kiln.workers.calibration import AttentionCapture, InputStats, LayerRunner, calibration_tokens  # noqa: F401
 from kiln.workers.gptq import gptq_quantize
 
@@ -41,6 +42,11 @@ GPTQ_MODES = ("fp8",)
 KV_MARGIN = 1.25  # headroom over the largest |K| / |V| seen in calibration, for other text
 KV_STEPS = 16  # scales tried per layer for K and for V: 2^(i/16) over one octave
 KV_QUERIES = 64  # queries per calibration sequence that score a KV scale
+# K's FP8 smoothing: channel c of K divided (of q multiplied) by max|K_c| ** alpha before the
+# Hadamard rotation. On SmolLM2 (benchmarks/quant_quality.py --kv-smooth-alpha) KL from fp32 goes
+# 0.0157 (alpha 0, rotation alone) -> 0.011 for any alpha in 0.25..0.75; perplexity readings are
+# too noisy to rank those alphas, and 0.25 changes q's range least.
+KV_SMOOTH_ALPHA = 0.25
 
 
 def _search_scale(w: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, group: int) -> torch.Tensor:
@@ -122,10 +128,18 @@ def _fp8_round(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 @torch.no_grad()
 def set_kv_scales(attn, capture: AttentionCapture) -> None:
-    """Choose the layer's FP8 K and V scales: the least error in the attention output on some
-    calibration queries, each head's error weighted by its share of o_proj, over one octave of
-    scales above the largest |K| / |V| seen (with headroom)."""
+    """Choose the layer's FP8 KV transform and scales. K's smoothing factors (rope.py): each
+    channel's largest |K| to the power KV_SMOOTH_ALPHA (QServe's SmoothAttention), a mean of 1
+    per head. Then the K and V scales: the least error in the attention output on some calibration
+    queries, each head's error weighted by its share of o_proj, over one octave of scales above
+    the largest |K| / |V| seen (with headroom)."""
     q, k, v = capture.q, capture.k, capture.v  # [B, Hq, L, d], [B, Hkv, L, d]
+    smooth = k.abs().amax(dim=(0, 2)).clamp(min=1e-4) ** KV_SMOOTH_ALPHA
+    attn.k_smooth.copy_(smooth / smooth.mean(dim=-1, keepdim=True))
+    # q and k as rope_and_cache leaves them for an FP8 cache (scores unchanged).
+    q, k = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()  # [B, L, H, d]
+    fp8_kv_transform_ref(q.view(-1, *q.shape[2:]), k.view(-1, *k.shape[2:]), attn.k_smooth.float())
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     B, Hq, L, d = q.shape
     hkv = k.shape[1]
     qpos = torch.arange(0, L, max(1, L // KV_QUERIES), device=q.device)
@@ -162,7 +176,7 @@ def quantize_model(model, mode: str, kv_fp8: bool, group: int, tokens: list[int]
     if mode == "fp8":
         qk.check_fp8_supported(device)
     if kv_fp8:
-        qk.check_fp8_kv_cache_supported(device)
+        qk.check_fp8_kv_cache_supported(device, model.cfg.head_dim)
     if mode == "int4-awq":
         group = pick_group(input_widths(model), group)
     if lm_head != "none" and model.lm_head is not None:

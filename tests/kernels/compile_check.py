@@ -98,8 +98,7 @@ def launches(pdl: bool) -> dict:
 
     def qkv_rope(cache_dtype):
         kc, vc = torch.zeros(4, 8, 2, 64, dtype=cache_dtype), torch.zeros(4, 8, 2, 64, dtype=cache_dtype)
-        int4_gemv_triton.qkv_rope(x[:2], wqkv, sqkv.to(BF16), mqkv.to(BF16), 4, 2, 64, pos, cs, kc, vc, slots,
-                                  0.5, 0.5)
+        int4_gemv_triton.qkv_rope(x[:2], wqkv, sqkv.to(BF16), mqkv.to(BF16), 4, 2, 64, pos, cs, kc, vc, slots)
 
     return {
         "rms_norm": lambda: norm_triton.rms_norm(x, nw, 1e-5),
@@ -120,8 +119,7 @@ def launches(pdl: bool) -> dict:
         "int4 gemv 1-3 rows": lambda: [int4_gemv_triton.gemv(x[:m], w4, s4, m4, 128) for m in (1, 2, 3)],
         "int4 gemv GPU tiles": lambda: int4_gemv_triton.gemv(x[:1], w4, s4, m4, 128, tiles=int4_gemv_triton.TILES),
         "int4 gemv + swiglu": lambda: int4_gemv_triton.gemv(x[:1], w4, s4, m4, 128, up_offset=32),
-        "int4 qkv + rope, bf16 cache": lambda: qkv_rope(BF16),
-        "int4 qkv + rope, fp8 cache": lambda: qkv_rope(FP8),
+        "int4 qkv + rope": lambda: qkv_rope(BF16),
         "int4 tensor cores": lambda: quant_triton.tensor_core_linear(x, w4, s4, m4, 4, 128),
         "int4 dequantize": lambda: quant_triton.dequantize_int4(w4, s4, m4, BF16, 128),
         "argmax fp32 logits": lambda: argmax_triton.argmax(torch.randn(2, 5000)),

@@ -173,23 +173,45 @@ def test_fp8_kv_triton_matches_reference(q_lens, ctx, hq, hkv, d, page):
     assert rel_err(got, ref) < 1e-2
 
 
-@pytest.mark.gpu
-def test_rope_writes_fp8_cache():
+@pytest.mark.parametrize("T, hq, hkv, d, dtype, smooth", [
+    (5, 9, 3, 64, torch.float32, True), (4, 8, 2, 32, torch.float16, True), (3, 4, 2, 32, torch.float32, False),
+    pytest.param(64, 32, 8, 128, torch.bfloat16, True, marks=pytest.mark.gpu),
+    pytest.param(7, 9, 3, 64, torch.bfloat16, False, marks=pytest.mark.gpu)])
+def test_rope_writes_fp8_cache(T, hq, hkv, d, dtype, smooth):
+    """With an FP8 cache the kernel leaves q and k RoPE'd, smoothed and Hadamard-rotated as the
+    reference does, so scores are those of the plain q and k; K and V go to the cache scaled.
+    (The interpreter casts to e4m3 its own way, so the cache bytes are compared on a GPU only.)"""
     from kiln.kernels import rope_triton
-    from kiln.kernels.quant import to_kv_cache
+    from kiln.kernels.rope import apply_rope_ref, hadamard_ref, rope_and_cache_ref
 
-    T, hq, hkv, d = 64, 32, 8, 128
-    cs = rope_cos_sin(d, 4096, 500000.0, None, "cuda")
-    qkv = torch.randn(T, (hq + 2 * hkv) * d, dtype=torch.bfloat16, device="cuda")
-    pos = torch.randint(0, 4096, (T,), device="cuda")
-    slots = torch.randperm(40 * 16, device="cuda")[:T]
-    q, k, v = (t.view(T, -1, d) for t in qkv.clone().split([hq * d, hkv * d, hkv * d], -1))
-    kc = torch.zeros(40, 16, hkv, d, dtype=torch.float8_e4m3fn, device="cuda")
-    vc = torch.zeros_like(kc)
-    rope_triton.rope_and_cache(q, k, v, pos, cs, kc, vc, slots, 0.05, 0.03)
-    flat_k, flat_v = kc.view(-1, hkv, d)[slots].float(), vc.view(-1, hkv, d)[slots].float()
-    assert rel_err(flat_k, to_kv_cache(k, torch.float8_e4m3fn, 0.05).float()) < 1e-2
-    assert rel_err(flat_v, to_kv_cache(v, torch.float8_e4m3fn, 0.03).float()) < 1e-2
+    cs = rope_cos_sin(d, 4096, 500000.0, None, DEV)
+    qkv = torch.randn(T, (hq + 2 * hkv) * d, device=DEV).to(dtype)
+    pos = torch.randint(0, 4096, (T,), device=DEV)
+    slots = torch.randperm(40 * 16, device=DEV)[:T]
+
+    def run(fn):
+        q, k, v = (t.view(T, -1, d) for t in qkv.clone().split([hq * d, hkv * d, hkv * d], -1))
+        kc = torch.zeros(40, 16, hkv, d, dtype=torch.float8_e4m3fn, device=DEV)
+        vc = torch.zeros_like(kc)
+        fn(q, k, v, pos, cs, kc, vc, slots, 0.05, 0.03, k_smooth)
+        return q, k, kc.view(-1, hkv, d)[slots].float(), vc.view(-1, hkv, d)[slots].float()
+
+    k_smooth = torch.rand(hkv, d, device=DEV) * 3 + 0.25 if smooth else None
+
+    q, k, kc, vc = run(rope_triton.rope_and_cache)
+    rq, rk, rkc, rvc = run(rope_and_cache_ref)
+    tol = TOL[dtype]
+    assert rel_err(q, rq) < tol and rel_err(k, rk) < tol
+    q0, k0, _ = (t.view(T, -1, d) for t in qkv.split([hq * d, hkv * d, hkv * d], -1))
+    q0, k0 = apply_rope_ref(q0, pos, cs).float(), apply_rope_ref(k0, pos, cs).float()
+    g = hq // hkv
+    scores = torch.einsum("tkgd,tkd->tkg", q.float().view(T, hkv, g, d), k.float())
+    assert rel_err(scores, torch.einsum("tkgd,tkd->tkg", q0.view(T, hkv, g, d), k0)) < 4 * tol
+    unrotated = hadamard_ref(k.float())  # the rotation is its own inverse
+    assert rel_err(unrotated * (1 if k_smooth is None else k_smooth), k0) < 4 * tol
+    if CUDA:
+        assert rel_err(kc, rkc) < 1e-2 and rel_err(vc, rvc) < 1e-2
+        assert rel_err(vc * 0.03, qkv[:, (hq + hkv) * d:].float().view(T, hkv, d)) < 0.05
 
 
 @pytest.mark.parametrize("m, n, k, dtype", [(1, 40, 256, torch.float32), (3, 24, 576, torch.float32),
@@ -212,15 +234,16 @@ def test_int4_gemv_swiglu_matches_unfused(m, n, k, dtype):
     assert rel_err(fused, silu_and_mul(plain)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("m, hq, hkv, d, k, kv_fp8, rows", [
-    (1, 2, 1, 32, 256, False, 8), (2, 2, 1, 32, 128, True, 4), (3, 2, 1, 32, 128, False, 8),
-    pytest.param(1, 32, 8, 128, 4096, False, 8, marks=pytest.mark.gpu),
-    pytest.param(2, 32, 8, 128, 4096, True, 8, marks=pytest.mark.gpu),
-    pytest.param(1, 32, 8, 128, 4096, False, 4, marks=pytest.mark.gpu)])
-def test_int4_qkv_rope_matches_unfused(m, hq, hkv, d, k, kv_fp8, rows):
+@pytest.mark.parametrize("m, hq, hkv, d, k, rows", [
+    (1, 2, 1, 32, 256, 8), (2, 2, 1, 32, 128, 4), (3, 2, 1, 32, 128, 8),
+    pytest.param(1, 32, 8, 128, 4096, 8, marks=pytest.mark.gpu),
+    pytest.param(2, 32, 8, 128, 4096, 8, marks=pytest.mark.gpu),
+    pytest.param(1, 32, 8, 128, 4096, 4, marks=pytest.mark.gpu)])
+def test_int4_qkv_rope_matches_unfused(m, hq, hkv, d, k, rows):
     """The QKV GEMV with RoPE and the cache write in its epilogue equals the GEMV followed by
     rope_and_cache: the same q, the same cache bytes (a -1 slot writes nothing), with 4 or 8
-    weight rows a program."""
+    weight rows a program. An FP8 cache is refused (its K rotation needs whole heads), and the
+    dispatcher then takes the unfused path."""
     from kiln.kernels import int4_gemv_triton, quant, rope_triton
     from kiln.kernels.rope import rope_cos_sin
 
@@ -232,20 +255,23 @@ def test_int4_qkv_rope_matches_unfused(m, hq, hkv, d, k, kv_fp8, rows):
     cos_sin = rope_cos_sin(d, 64, 10000.0, None, torch.device(DEV))
     positions = torch.tensor([5, 40, 63][:m], device=DEV)
     slots = torch.tensor([3, -1, 12][:m], device=DEV)
-    cache_dtype = torch.float8_e4m3fn if kv_fp8 else dtype
-    caches = [torch.zeros(2, 8, hkv, d, dtype=cache_dtype, device=DEV) for _ in range(4)]
-    scales = (0.5, 0.25) if kv_fp8 else (1.0, 1.0)
+    caches = [torch.zeros(2, 8, hkv, d, dtype=dtype, device=DEV) for _ in range(4)]
     # The plain GEMV with the same tile: its row sums then add up in the same order.
     tiles = (rows,) + (int4_gemv_triton.QKV_TILES if DEV == "cuda" else int4_gemv_triton.INTERPRETER_QKV_TILES)[1:]
     q, kk, v = int4_gemv_triton.gemv(x, p, sc, mn, group, tiles=tiles).split([hq * d, hkv * d, hkv * d], dim=-1)
     q = q.contiguous().view(m, hq, d)
     rope_triton.rope_and_cache(q, kk.contiguous().view(m, hkv, d), v.contiguous().view(m, hkv, d), positions, cos_sin,
-                               caches[0], caches[1], slots, *scales)
+                               caches[0], caches[1], slots)
     fused = int4_gemv_triton.qkv_rope(x, p, sc, mn, hq, hkv, d, positions, cos_sin, caches[2], caches[3], slots,
-                                      *scales, tiles=tiles)
+                                      tiles=tiles)
     assert torch.equal(fused.view(m, hq, d), q)
     assert torch.equal(caches[2].view(torch.uint8), caches[0].view(torch.uint8))
     assert torch.equal(caches[3].view(torch.uint8), caches[1].view(torch.uint8))
+    fp8 = torch.zeros(2, 8, hkv, d, dtype=torch.float8_e4m3fn, device=DEV)
+    with pytest.raises(ValueError, match="KV cache"):
+        int4_gemv_triton.qkv_rope(x, p, sc, mn, hq, hkv, d, positions, cos_sin, fp8, fp8.clone(), slots)
+    with backend.use("triton"):
+        assert quant.int4_qkv_rope(x, p, sc, mn, hq, hkv, d, positions, cos_sin, fp8, fp8.clone(), slots) is None
 
 
 def test_fp8_refused_before_compute_capability_8_9(monkeypatch):

@@ -76,6 +76,10 @@ class LlamaAttention(nn.Module):
         self.sizes = [q_rows, kv_rows, kv_rows]
         # Scales of K and V in an FP8 KV cache (stored value = x / scale); saved with the engine.
         self.register_buffer("kv_scale", torch.ones(2, dtype=torch.float32, device=device))
+        # With an FP8 cache, K's channels are divided (and q's multiplied) by these before the
+        # Hadamard rotation (kiln/kernels/rope.py); this rank's KV heads, from kv_start.
+        self.kv_start = kv_start
+        self.register_buffer("k_smooth", torch.ones(self.num_kv_heads, d, dtype=torch.float32, device=device))
         self.k_scale = self.v_scale = 1.0
 
     def sync_kv_scales(self) -> None:
@@ -88,7 +92,7 @@ class LlamaAttention(nn.Module):
         if p.quant != "int4-awq" or p.bias is not None:
             return None
         return int4_qkv_rope(x, p.qweight, p.scales, p.mins, self.num_heads, self.num_kv_heads, self.head_dim,
-                             positions, cos_sin, k_cache, v_cache, slots, self.k_scale, self.v_scale)
+                             positions, cos_sin, k_cache, v_cache, slots)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor | Fp8Activation, cos_sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
@@ -101,7 +105,7 @@ class LlamaAttention(nn.Module):
             k = k.view(T, self.num_kv_heads, self.head_dim)
             v = v.view(T, self.num_kv_heads, self.head_dim)
             rope_and_cache(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping, self.k_scale,
-                           self.v_scale)
+                           self.v_scale, self.k_smooth)
         else:  # small-batch int4 decode: the GEMV did RoPE and the cache write (one kernel fewer)
             q = q.view(T, self.num_heads, self.head_dim)
         out = paged_attention(q, k_cache, v_cache, meta, self.scale, self.k_scale, self.v_scale)
