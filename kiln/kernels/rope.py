@@ -67,19 +67,20 @@ def apply_rope_ref(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tens
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-_HADAMARD: dict[tuple[int, str], torch.Tensor] = {}
+_HADAMARD: dict[tuple[int, str, torch.dtype], torch.Tensor] = {}
 
 
-def hadamard_sign_matrix(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """[n, n] float32 Sylvester Hadamard matrix of +-1 (n a power of two); symmetric, H @ H = n I."""
+def hadamard_sign_matrix(n: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[n, n] Sylvester Hadamard matrix of +-1 (n a power of two); symmetric, H @ H = n I. Made
+    once per device and dtype (a CUDA graph keeps pointing at it)."""
     if n < 1 or n & (n - 1):
         raise ValueError(f"a Hadamard rotation needs a power-of-two head_dim, got {n}")
-    key = (n, str(device))
+    key = (n, str(device), dtype)
     if key not in _HADAMARD:
         h = torch.ones(1, 1)
         while h.shape[0] < n:
             h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        _HADAMARD[key] = h.to(device)
+        _HADAMARD[key] = h.to(device, dtype)
     return _HADAMARD[key]
 
 

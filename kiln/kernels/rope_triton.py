@@ -45,21 +45,19 @@ def fp8_kv_transform(r1, r2, s1, s2, h, norm, DTYPE: tl.constexpr, IEEE: tl.cons
     """Rows [r1 | r2] (fp32 after RoPE, each [rows, HALF]) as rope.fp8_kv_transform_ref leaves
     them: rounded to DTYPE; with SMOOTH divided (k) or multiplied (q) by the halves s1, s2 of the
     smoothing rows and rounded again; times the orthonormal Hadamard matrix of 2 * HALF, whose
-    blocks are [[h, h], [h, -h]] * norm (h the +-1 matrix of HALF, norm (2 * HALF) ** -0.5).
-    Returns the two halves in fp32. The two products stay apart so that each operand is a DTYPE
-    value, which tf32 holds exactly for bf16 and fp16 (h is +-1); IEEE (an fp32 model) keeps
-    full fp32 products."""
-    a = r1.to(DTYPE).to(tl.float32)
-    b = r2.to(DTYPE).to(tl.float32)
+    blocks are [[h, h], [h, -h]] * norm (h the +-1 matrix of HALF in DTYPE, norm
+    (2 * HALF) ** -0.5). Returns the two halves in fp32. The operands are DTYPE values and the
+    products accumulate in fp32, so the dots are exact up to summation order; IEEE (an fp32
+    model) keeps fp32 operands."""
+    a = r1.to(DTYPE)
+    b = r2.to(DTYPE)
     if SMOOTH:
         if DIVIDE:
-            a = a / s1
-            b = b / s2
+            a = (a.to(tl.float32) / s1).to(DTYPE)
+            b = (b.to(tl.float32) / s2).to(DTYPE)
         else:
-            a = a * s1
-            b = b * s2
-        a = a.to(DTYPE).to(tl.float32)
-        b = b.to(DTYPE).to(tl.float32)
+            a = (a.to(tl.float32) * s1).to(DTYPE)
+            b = (b.to(tl.float32) * s2).to(DTYPE)
     if IEEE:
         ha = tl.dot(a, h, input_precision="ieee")
         hb = tl.dot(b, h, input_precision="ieee")
@@ -75,52 +73,60 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slo
                        KV_FP8: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
                        BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, IEEE: tl.constexpr,
                        SMOOTH: tl.constexpr, PDL: tl.constexpr = False):
+    """Program (t, p): token t's query heads p * BLOCK_HQ.. for p below Q_PROGRAMS, else its key
+    heads (and their values' cache writes) from (p - Q_PROGRAMS) * BLOCK_HKV."""
+    Q_PROGRAMS: tl.constexpr = (HQ + BLOCK_HQ - 1) // BLOCK_HQ
     t = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
     pdl_wait(PDL)
     pos = tl.load(pos_ptr + t)
     d = tl.arange(0, HALF)
     cos = tl.load(cs_ptr + pos * cs_stride + d)[None, :]
     sin = tl.load(cs_ptr + pos * cs_stride + HALF + d)[None, :]
-
     if KV_FP8:  # the Hadamard halves' +-1 matrix
         h = tl.load(h_ptr + d[:, None] * HALF + d[None, :])
-    hq = tl.arange(0, BLOCK_HQ)[:, None]
-    mq = hq < HQ
-    q1p = q_ptr + t * q_stride + hq * (2 * HALF) + d[None, :]
-    r1, r2 = rotate(tl.load(q1p, mask=mq, other=0.0), tl.load(q1p + HALF, mask=mq, other=0.0), cos, sin)
-    if KV_FP8:
-        s1p = sm_ptr + (hq // (HQ // HKV)) * (2 * HALF) + d[None, :]  # each query head's KV head
-        r1, r2 = fp8_kv_transform(r1, r2, tl.load(s1p, mask=mq & SMOOTH, other=1.0),
-                                  tl.load(s1p + HALF, mask=mq & SMOOTH, other=1.0), h, h_norm,
-                                  q_ptr.dtype.element_ty, IEEE, SMOOTH, False)
-    tl.store(q1p, r1.to(q_ptr.dtype.element_ty), mask=mq)
-    tl.store(q1p + HALF, r2.to(q_ptr.dtype.element_ty), mask=mq)
 
-    hk = tl.arange(0, BLOCK_HKV)[:, None]
-    mk = hk < HKV
-    k1p = k_ptr + t * k_stride + hk * (2 * HALF) + d[None, :]
-    r1, r2 = rotate(tl.load(k1p, mask=mk, other=0.0), tl.load(k1p + HALF, mask=mk, other=0.0), cos, sin)
-    if KV_FP8:
-        s1p = sm_ptr + hk * (2 * HALF) + d[None, :]
-        r1, r2 = fp8_kv_transform(r1, r2, tl.load(s1p, mask=mk & SMOOTH, other=1.0),
-                                  tl.load(s1p + HALF, mask=mk & SMOOTH, other=1.0), h, h_norm,
-                                  k_ptr.dtype.element_ty, IEEE, SMOOTH, True)
-    r1 = r1.to(k_ptr.dtype.element_ty)
-    r2 = r2.to(k_ptr.dtype.element_ty)
-    tl.store(k1p, r1, mask=mk)
-    tl.store(k1p + HALF, r2, mask=mk)
+    if p < Q_PROGRAMS:
+        hq = p * BLOCK_HQ + tl.arange(0, BLOCK_HQ)[:, None]
+        mq = hq < HQ
+        q1p = q_ptr + t * q_stride + hq * (2 * HALF) + d[None, :]
+        # (Names apart from the other branch's: Triton wants a name's type alike in both.)
+        qa, qb = rotate(tl.load(q1p, mask=mq, other=0.0), tl.load(q1p + HALF, mask=mq, other=0.0), cos, sin)
+        if KV_FP8:
+            qsp = sm_ptr + (hq // (HQ // HKV)) * (2 * HALF) + d[None, :]  # each query head's KV head
+            qa, qb = fp8_kv_transform(qa, qb, tl.load(qsp, mask=mq & SMOOTH, other=1.0),
+                                      tl.load(qsp + HALF, mask=mq & SMOOTH, other=1.0), h, h_norm,
+                                      q_ptr.dtype.element_ty, IEEE, SMOOTH, False)
+        tl.store(q1p, qa.to(q_ptr.dtype.element_ty), mask=mq)
+        tl.store(q1p + HALF, qb.to(q_ptr.dtype.element_ty), mask=mq)
+    else:
+        hk = (p - Q_PROGRAMS) * BLOCK_HKV + tl.arange(0, BLOCK_HKV)[:, None]
+        mk = hk < HKV
+        k1p = k_ptr + t * k_stride + hk * (2 * HALF) + d[None, :]
+        r1, r2 = rotate(tl.load(k1p, mask=mk, other=0.0), tl.load(k1p + HALF, mask=mk, other=0.0), cos, sin)
+        if KV_FP8:
+            s1p = sm_ptr + hk * (2 * HALF) + d[None, :]
+            r1, r2 = fp8_kv_transform(r1, r2, tl.load(s1p, mask=mk & SMOOTH, other=1.0),
+                                      tl.load(s1p + HALF, mask=mk & SMOOTH, other=1.0), h, h_norm,
+                                      k_ptr.dtype.element_ty, IEEE, SMOOTH, True)
+        r1 = r1.to(k_ptr.dtype.element_ty)
+        r2 = r2.to(k_ptr.dtype.element_ty)
+        tl.store(k1p, r1, mask=mk)
+        tl.store(k1p + HALF, r2, mask=mk)
 
-    slot = tl.load(slot_ptr + t)
-    if slot >= 0:
-        c = slot * cache_slot_stride + hk * (2 * HALF) + d[None, :]
-        v1p = v_ptr + t * v_stride + hk * (2 * HALF) + d[None, :]
-        v1 = tl.load(v1p, mask=mk, other=0.0).to(tl.float32)
-        v2 = tl.load(v1p + HALF, mask=mk, other=0.0).to(tl.float32)
-        # The rotated key as rounded above; V from fp32.
-        tl.store(kc_ptr + c, kv_cache_value(r1, inv_k_scale, KV_FP8).to(kc_ptr.dtype.element_ty), mask=mk)
-        tl.store(kc_ptr + c + HALF, kv_cache_value(r2, inv_k_scale, KV_FP8).to(kc_ptr.dtype.element_ty), mask=mk)
-        tl.store(vc_ptr + c, kv_cache_value(v1, inv_v_scale, KV_FP8).to(vc_ptr.dtype.element_ty), mask=mk)
-        tl.store(vc_ptr + c + HALF, kv_cache_value(v2, inv_v_scale, KV_FP8).to(vc_ptr.dtype.element_ty), mask=mk)
+        slot = tl.load(slot_ptr + t)
+        if slot >= 0:
+            c = slot * cache_slot_stride + hk * (2 * HALF) + d[None, :]
+            v1p = v_ptr + t * v_stride + hk * (2 * HALF) + d[None, :]
+            v1 = tl.load(v1p, mask=mk, other=0.0).to(tl.float32)
+            v2 = tl.load(v1p + HALF, mask=mk, other=0.0).to(tl.float32)
+            # The rotated key as rounded above; V from fp32.
+            tl.store(kc_ptr + c, kv_cache_value(r1, inv_k_scale, KV_FP8).to(kc_ptr.dtype.element_ty), mask=mk)
+            tl.store(kc_ptr + c + HALF, kv_cache_value(r2, inv_k_scale, KV_FP8).to(kc_ptr.dtype.element_ty),
+                     mask=mk)
+            tl.store(vc_ptr + c, kv_cache_value(v1, inv_v_scale, KV_FP8).to(vc_ptr.dtype.element_ty), mask=mk)
+            tl.store(vc_ptr + c + HALF, kv_cache_value(v2, inv_v_scale, KV_FP8).to(vc_ptr.dtype.element_ty),
+                     mask=mk)
 
 
 def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -135,16 +141,15 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
     assert q.stride(1) == D and k.stride(1) == D and v.stride(1) == D and q.stride(2) == 1
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     fp8 = k_cache.dtype == torch.float8_e4m3fn
-    # tl.dot (the Hadamard rotation) takes at least 16 rows.
-    rows = 16 if fp8 else 1
-    h = hadamard_sign_matrix(D // 2, q.device) if fp8 else cos_sin
     smooth = fp8 and k_smooth is not None
     if smooth:
         assert k_smooth.shape == (HKV, D) and k_smooth.dtype == torch.float32 and k_smooth.is_contiguous()
-    _rope_cache_kernel[(T,)](q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, h, D ** -0.5,
-                             k_smooth if smooth else h,
-                             q.stride(0), k.stride(0), v.stride(0), cos_sin.stride(0), HKV * D,
-                             1.0 / k_scale, 1.0 / v_scale, KV_FP8=fp8, HQ=HQ, HKV=HKV, HALF=D // 2,
-                             BLOCK_HQ=max(rows, triton.next_power_of_2(HQ)),
-                             BLOCK_HKV=max(rows, triton.next_power_of_2(HKV)), IEEE=q.dtype == torch.float32,
-                             SMOOTH=smooth,                             num_warps=4, **backend.pdl_launch(q))
+    # With an FP8 cache, blocks of 16 heads (tl.dot's least rows) a program: the Hadamard dots of
+    # one token then run on several SMs at once (at batch 1 one program took them all in turn).
+    bq, bk = (16, 16) if fp8 else (triton.next_power_of_2(HQ), triton.next_power_of_2(HKV))
+    h = hadamard_sign_matrix(D // 2, q.device, q.dtype) if fp8 else cos_sin
+    _rope_cache_kernel[(T, triton.cdiv(HQ, bq) + triton.cdiv(HKV, bk))](
+        q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, h, D ** -0.5, k_smooth if smooth else h,
+        q.stride(0), k.stride(0), v.stride(0), cos_sin.stride(0), HKV * D, 1.0 / k_scale, 1.0 / v_scale,
+        KV_FP8=fp8, HQ=HQ, HKV=HKV, HALF=D // 2, BLOCK_HQ=bq, BLOCK_HKV=bk, IEEE=q.dtype == torch.float32,
+        SMOOTH=smooth, num_warps=4, **backend.pdl_launch(q))

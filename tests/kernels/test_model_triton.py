@@ -55,8 +55,10 @@ def _assert_same_greedy(refs, gots) -> None:
 
 
 @pytest.mark.gpu
-def test_gpu_kernels_and_cuda_graphs_match_reference(tmp_path):
-    """bf16 on the GPU: Triton kernels + decode CUDA graphs vs the eager torch path."""
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_gpu_kernels_and_cuda_graphs_match_reference(tmp_path, kv_cache_dtype):
+    """bf16 on the GPU: Triton kernels + decode CUDA graphs vs the eager torch path; with an FP8
+    KV cache too (calibrated smoothing, Hadamard-rotated K)."""
     import torch
 
     from kiln import LLM
@@ -68,8 +70,12 @@ def test_gpu_kernels_and_cuda_graphs_match_reference(tmp_path):
     outs = {}
     for name in ("torch", "triton"):
         with backend.use("auto" if name == "triton" else "torch"):
-            llm = LLM(str(tmp_path), kv_cache_bytes=1 << 28, max_num_batched_tokens=256)
+            llm = LLM(str(tmp_path), kv_cache_bytes=1 << 28, max_num_batched_tokens=256,
+                      kv_cache_dtype=kv_cache_dtype)
             assert bool(llm.executor.engine.graphs) == (name == "triton")
+            if kv_cache_dtype == "fp8":
+                assert llm.executor.engine.kv_cache.dtype == torch.float8_e4m3fn
+                assert not torch.all(llm.executor.engine.model.layers[0].self_attn.k_smooth == 1)
             outs[name] = [o.outputs[0] for o in llm.generate(prompts, params)]
             del llm
     _assert_same_greedy(outs["torch"], outs["triton"])
