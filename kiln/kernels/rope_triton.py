@@ -78,8 +78,10 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slo
     Q_PROGRAMS: tl.constexpr = (HQ + BLOCK_HQ - 1) // BLOCK_HQ
     t = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
-    pdl_wait(PDL)
+    # What no kernel writes first, before the PDL wait: the step's positions and slots (copied in
+    # before its first kernel), the RoPE table, the Hadamard signs and the smoothing rows.
     pos = tl.load(pos_ptr + t)
+    slot = tl.load(slot_ptr + t)
     d = tl.arange(0, HALF)
     cos = tl.load(cs_ptr + pos * cs_stride + d)[None, :]
     sin = tl.load(cs_ptr + pos * cs_stride + HALF + d)[None, :]
@@ -91,30 +93,31 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slo
         mq = hq < HQ
         q1p = q_ptr + t * q_stride + hq * (2 * HALF) + d[None, :]
         # (Names apart from the other branch's: Triton wants a name's type alike in both.)
+        qsp = sm_ptr + (hq // (HQ // HKV)) * (2 * HALF) + d[None, :]  # each query head's KV head
+        qs1 = tl.load(qsp, mask=mq & SMOOTH, other=1.0)
+        qs2 = tl.load(qsp + HALF, mask=mq & SMOOTH, other=1.0)
+        pdl_wait(PDL)
         qa, qb = rotate(tl.load(q1p, mask=mq, other=0.0), tl.load(q1p + HALF, mask=mq, other=0.0), cos, sin)
         if KV_FP8:
-            qsp = sm_ptr + (hq // (HQ // HKV)) * (2 * HALF) + d[None, :]  # each query head's KV head
-            qa, qb = fp8_kv_transform(qa, qb, tl.load(qsp, mask=mq & SMOOTH, other=1.0),
-                                      tl.load(qsp + HALF, mask=mq & SMOOTH, other=1.0), h, h_norm,
-                                      q_ptr.dtype.element_ty, IEEE, SMOOTH, False)
+            qa, qb = fp8_kv_transform(qa, qb, qs1, qs2, h, h_norm, q_ptr.dtype.element_ty, IEEE, SMOOTH, False)
         tl.store(q1p, qa.to(q_ptr.dtype.element_ty), mask=mq)
         tl.store(q1p + HALF, qb.to(q_ptr.dtype.element_ty), mask=mq)
     else:
         hk = (p - Q_PROGRAMS) * BLOCK_HKV + tl.arange(0, BLOCK_HKV)[:, None]
         mk = hk < HKV
         k1p = k_ptr + t * k_stride + hk * (2 * HALF) + d[None, :]
+        ksp = sm_ptr + hk * (2 * HALF) + d[None, :]
+        ks1 = tl.load(ksp, mask=mk & SMOOTH, other=1.0)
+        ks2 = tl.load(ksp + HALF, mask=mk & SMOOTH, other=1.0)
+        pdl_wait(PDL)
         r1, r2 = rotate(tl.load(k1p, mask=mk, other=0.0), tl.load(k1p + HALF, mask=mk, other=0.0), cos, sin)
         if KV_FP8:
-            s1p = sm_ptr + hk * (2 * HALF) + d[None, :]
-            r1, r2 = fp8_kv_transform(r1, r2, tl.load(s1p, mask=mk & SMOOTH, other=1.0),
-                                      tl.load(s1p + HALF, mask=mk & SMOOTH, other=1.0), h, h_norm,
-                                      k_ptr.dtype.element_ty, IEEE, SMOOTH, True)
+            r1, r2 = fp8_kv_transform(r1, r2, ks1, ks2, h, h_norm, k_ptr.dtype.element_ty, IEEE, SMOOTH, True)
         r1 = r1.to(k_ptr.dtype.element_ty)
         r2 = r2.to(k_ptr.dtype.element_ty)
         tl.store(k1p, r1, mask=mk)
         tl.store(k1p + HALF, r2, mask=mk)
 
-        slot = tl.load(slot_ptr + t)
         if slot >= 0:
             c = slot * cache_slot_stride + hk * (2 * HALF) + d[None, :]
             v1p = v_ptr + t * v_stride + hk * (2 * HALF) + d[None, :]
