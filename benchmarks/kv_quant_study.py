@@ -7,12 +7,15 @@ and V to its format and back where the reference writes the cache (kiln.kernels.
 write_kv_ref); the cache stays fp32, so schemes differ only in that rounding. Scored as
 benchmarks/quant_quality.py scores engines: perplexity on kiln/data/evaluation.txt against
 fp32's, mean KL of the next-token distributions from fp32's, and the spread of `--seeds`
-readings under 1e-6 embedding noise. "e4m3, per-layer scales" uses the scales a kv-fp8 build
-calibrates, so it reproduces that engine (quant-quality-smollm2.json, mode kv-fp8).
+readings under 1e-6 embedding noise.
 
-The Hadamard scheme rounds K and V in an orthonormal Walsh-Hadamard basis over head_dim and
-rotates back: what a kernel gets by rotating q and k alike (scores unchanged) and V before the
-cache and after the weighted sum.
+"The kv-fp8 engine" uses what a kv-fp8 build calibrates (each layer's K smoothing factors and
+K / V scales) and rounds K as the engine stores it: smoothed, Hadamard-rotated, e4m3 (see
+kiln/kernels/rope.py); rotating back gives what the engine's scores see. The other per-layer
+e4m3 schemes take each layer's largest |K| or |V| on the calibration text, with the build's
+headroom, as their scale (e4m3 is nearly indifferent to its scale). "Hadamard" schemes round
+K in an orthonormal Walsh-Hadamard basis over head_dim and rotate back: what a kernel gets by
+rotating q and k alike (scores unchanged).
 """
 from __future__ import annotations
 
@@ -43,25 +46,37 @@ def _per_token(x, qmax: float):
 
 
 def _hadamard(d: int):
-    import torch
+    """The orthonormal Walsh-Hadamard matrix of d (symmetric: its own inverse)."""
+    from kiln.kernels.rope import hadamard_sign_matrix
 
-    h = torch.ones(1, 1)
-    while h.shape[0] < d:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / d ** 0.5
+    return hadamard_sign_matrix(d) * d ** -0.5
 
 
-def schemes(k_scale: list[float], v_scale: list[float]) -> dict:
-    """name -> (layer, k, v) -> (k, v) rounded; k_scale / v_scale: a kv-fp8 build's per-layer scales."""
-    def layer_k(i, k):
-        return _e4m3(k, k_scale[i])
+def schemes(engine: list[dict], cal: list[dict]) -> dict:
+    """name -> (layer, k, v) -> (k, v) rounded. engine: per layer the kv-fp8 build's k_smooth
+    [H, D], k_scale, v_scale; cal: per layer the calibration text's largest |K|, |K H| and |V|."""
+    from kiln.kernels.quant import FP8_MAX
+    from kiln.workers.quantize import KV_MARGIN
 
-    def layer_v(i, v):
-        return _e4m3(v, v_scale[i])
+    def per_layer(x, top):
+        return _e4m3(x, top * KV_MARGIN / FP8_MAX)
+
+    def engine_k(i, k):
+        e = engine[i]
+        h = _hadamard(k.shape[-1])
+        return (_e4m3((k / e["k_smooth"]) @ h, e["k_scale"]) @ h.T) * e["k_smooth"]
+
+    def engine_v(i, v):
+        return _e4m3(v, engine[i]["v_scale"])
+
+    def hadamard_k(i, k):
+        h = _hadamard(k.shape[-1])
+        return per_layer(k @ h, cal[i]["k_rot"]) @ h.T
+
+    def plain_k(i, k):
+        return per_layer(k, cal[i]["k"])
 
     def token_e4m3(x):
-        from kiln.kernels.quant import FP8_MAX
-
         return _e4m3(x, _per_token(x, FP8_MAX))
 
     def hadamard_token_e4m3(x):
@@ -72,15 +87,20 @@ def schemes(k_scale: list[float], v_scale: list[float]) -> dict:
         return _int8(x, _per_token(x, 127.0))
 
     return {
-        "e4m3, per-layer scales (the kv-fp8 engine)": lambda i, k, v: (layer_k(i, k), layer_v(i, v)),
-        "K only: e4m3 per-layer, V exact": lambda i, k, v: (layer_k(i, k), v),
-        "V only: e4m3 per-layer, K exact": lambda i, k, v: (k, layer_v(i, v)),
+        "the kv-fp8 engine: K smoothed + Hadamard, e4m3 per-layer; V e4m3 per-layer":
+            lambda i, k, v: (engine_k(i, k), engine_v(i, v)),
+        "K Hadamard (no smoothing), e4m3 per-layer; V as the engine":
+            lambda i, k, v: (hadamard_k(i, k), engine_v(i, v)),
+        "K and V plain e4m3 per-layer (the engine before format 4)":
+            lambda i, k, v: (plain_k(i, k), per_layer(v, cal[i]["v"])),
+        "K only: plain e4m3 per-layer, V exact": lambda i, k, v: (plain_k(i, k), v),
+        "V only: e4m3 per-layer, K exact": lambda i, k, v: (k, engine_v(i, v)),
         "e4m3, per-(token, head) scales": lambda i, k, v: (token_e4m3(k), token_e4m3(v)),
         "e4m3 after a Hadamard rotation, per-(token, head) scales":
             lambda i, k, v: (hadamard_token_e4m3(k), hadamard_token_e4m3(v)),
-        "K int8 per-(token, head), V e4m3 per-layer": lambda i, k, v: (token_int8(k), layer_v(i, v)),
+        "K int8 per-(token, head), V as the engine": lambda i, k, v: (token_int8(k), engine_v(i, v)),
         "int8 per-(token, head), K and V": lambda i, k, v: (token_int8(k), token_int8(v)),
-        "K bf16, V e4m3 per-layer": lambda i, k, v: (k.bfloat16().float(), layer_v(i, v)),
+        "K bf16, V as the engine": lambda i, k, v: (k.bfloat16().float(), engine_v(i, v)),
     }
 
 
@@ -98,15 +118,16 @@ def main() -> None:
     from kiln import LLM
     from kiln.config import EngineConfig, QuantConfig
     from kiln.workers.builder import Builder
+    from kiln.workers.calibration import SEQ_LEN, calibration_tokens
     from kiln.workers.loaders import embedded_model_path, resolve_model
 
-    with tempfile.TemporaryDirectory() as tmp:  # the per-layer scales a kv-fp8 build calibrates
+    with tempfile.TemporaryDirectory() as tmp:  # what a kv-fp8 build calibrates
         Builder(EngineConfig(device="cpu", quant=QuantConfig(kv_cache_dtype="fp8")), verbose=False).build(
             tmp, resolve_model(embedded_model_path()))
         built = LLM(tmp, device="cpu")
-        scales = [layer.self_attn.kv_scale.tolist() for layer in built.executor.engine.model.layers]
+        engine = [{"k_smooth": a.k_smooth.clone(), "k_scale": a.k_scale, "v_scale": a.v_scale}
+                  for a in (layer.self_attn for layer in built.executor.engine.model.layers)]
         del built
-    table = schemes([s[0] for s in scales], [s[1] for s in scales])
 
     text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kiln", "data",
                              "evaluation.txt")).read()
@@ -128,8 +149,26 @@ def main() -> None:
         write(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
     rope.write_kv_ref = rounded_write
+    # The calibration text's largest |K|, |K H| and |V| per layer (the build's sequences of SEQ_LEN).
+    cal = [{"k": 0.0, "k_rot": 0.0, "v": 0.0} for _ in model.layers]
+
+    def record(i, k, v):
+        c, h = cal[i], _hadamard(k.shape[-1])
+        c["k"], c["k_rot"] = max(c["k"], float(k.abs().max())), max(c["k_rot"], float((k @ h).abs().max()))
+        c["v"] = max(c["v"], float(v.abs().max()))
+        return k, v
+
+    state["scheme"] = record
+    tokens = calibration_tokens(base.tokenizer, 0, QuantConfig().calibration_tokens, True)
+    with torch.inference_mode():
+        for j in range(0, len(tokens) - SEQ_LEN + 1, SEQ_LEN):
+            base.executor.log_probs(tokens[j:j + SEQ_LEN])
+    state["scheme"] = None
+    table = schemes(engine, cal)
     figures = {"model": "SmolLM2-135M-Instruct (embedded GGUF), fp32, torch path", "text": "kiln/data/evaluation.txt",
-               "tokens": len(ids), "fp32_perplexity": round(ppl0, 4), "kv_fp8_build_scales": scales, "schemes": {}}
+               "tokens": len(ids), "fp32_perplexity": round(ppl0, 4),
+               "kv_fp8_build_scales": [[e["k_scale"], e["v_scale"]] for e in engine],
+               "calibration_absmax": [{k: round(x, 4) for k, x in c.items()} for c in cal], "schemes": {}}
     try:
         for name, fn in table.items():
             state["scheme"] = fn

@@ -141,7 +141,9 @@ class QuantConfig:
     """How weights and the KV cache are stored (see kiln/kernels/quant.py)."""
 
     mode: str = "none"  # none | fp8 | int8-wo | int4-awq
-    kv_cache_dtype: str = "auto"  # auto: the model dtype; fp8: e4m3 with per-layer scales
+    # auto: the model dtype; fp8: e4m3 with per-layer scales, K smoothed and Hadamard-rotated first
+    # (kiln/kernels/rope.py)
+    kv_cache_dtype: str = "auto"
     group_size: int = 128  # int4-awq
     calibration_tokens: int = 2048  # AWQ and FP8-KV scales are measured on this much built-in text
     # The LM head: none keeps the model dtype; int8-wo stores int8 rows with a scale each. auto:

@@ -68,6 +68,26 @@ def fp8_kv_transform(r1, r2, s1, s2, h, norm, DTYPE: tl.constexpr, IEEE: tl.cons
 
 
 @triton.jit
+def _heads_in_place(x1p, m, s1p, cos, sin, h, h_norm, HALF: tl.constexpr, KV_FP8: tl.constexpr,
+                    IEEE: tl.constexpr, SMOOTH: tl.constexpr, DIVIDE: tl.constexpr, PDL: tl.constexpr):
+    """Rows of q or k heads (first halves at x1p, rows where m) RoPE'd in place, for an FP8 cache
+    also smoothed by the rows at s1p (k divided by them: DIVIDE) and Hadamard-rotated. Returns
+    the two halves as stored. The smoothing rows load before the PDL wait (no kernel writes
+    them); the heads after it."""
+    s1 = tl.load(s1p, mask=m & SMOOTH, other=1.0)
+    s2 = tl.load(s1p + HALF, mask=m & SMOOTH, other=1.0)
+    pdl_wait(PDL)
+    r1, r2 = rotate(tl.load(x1p, mask=m, other=0.0), tl.load(x1p + HALF, mask=m, other=0.0), cos, sin)
+    if KV_FP8:
+        r1, r2 = fp8_kv_transform(r1, r2, s1, s2, h, h_norm, x1p.dtype.element_ty, IEEE, SMOOTH, DIVIDE)
+    r1 = r1.to(x1p.dtype.element_ty)
+    r2 = r2.to(x1p.dtype.element_ty)
+    tl.store(x1p, r1, mask=m)
+    tl.store(x1p + HALF, r2, mask=m)
+    return r1, r2
+
+
+@triton.jit
 def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr, h_ptr, h_norm, sm_ptr,
                        q_stride, k_stride, v_stride, cs_stride, cache_slot_stride, inv_k_scale, inv_v_scale,
                        KV_FP8: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
@@ -87,37 +107,21 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slo
     sin = tl.load(cs_ptr + pos * cs_stride + HALF + d)[None, :]
     if KV_FP8:  # the Hadamard halves' +-1 matrix
         h = tl.load(h_ptr + d[:, None] * HALF + d[None, :])
+    else:
+        h = h_norm  # unused
 
     if p < Q_PROGRAMS:
         hq = p * BLOCK_HQ + tl.arange(0, BLOCK_HQ)[:, None]
-        mq = hq < HQ
-        q1p = q_ptr + t * q_stride + hq * (2 * HALF) + d[None, :]
-        # (Names apart from the other branch's: Triton wants a name's type alike in both.)
-        qsp = sm_ptr + (hq // (HQ // HKV)) * (2 * HALF) + d[None, :]  # each query head's KV head
-        qs1 = tl.load(qsp, mask=mq & SMOOTH, other=1.0)
-        qs2 = tl.load(qsp + HALF, mask=mq & SMOOTH, other=1.0)
-        pdl_wait(PDL)
-        qa, qb = rotate(tl.load(q1p, mask=mq, other=0.0), tl.load(q1p + HALF, mask=mq, other=0.0), cos, sin)
-        if KV_FP8:
-            qa, qb = fp8_kv_transform(qa, qb, qs1, qs2, h, h_norm, q_ptr.dtype.element_ty, IEEE, SMOOTH, False)
-        tl.store(q1p, qa.to(q_ptr.dtype.element_ty), mask=mq)
-        tl.store(q1p + HALF, qb.to(q_ptr.dtype.element_ty), mask=mq)
+        # Each query head takes its KV head's smoothing row.
+        _heads_in_place(q_ptr + t * q_stride + hq * (2 * HALF) + d[None, :], hq < HQ,
+                        sm_ptr + (hq // (HQ // HKV)) * (2 * HALF) + d[None, :], cos, sin, h, h_norm, HALF, KV_FP8,
+                        IEEE, SMOOTH, False, PDL)
     else:
         hk = (p - Q_PROGRAMS) * BLOCK_HKV + tl.arange(0, BLOCK_HKV)[:, None]
         mk = hk < HKV
-        k1p = k_ptr + t * k_stride + hk * (2 * HALF) + d[None, :]
-        ksp = sm_ptr + hk * (2 * HALF) + d[None, :]
-        ks1 = tl.load(ksp, mask=mk & SMOOTH, other=1.0)
-        ks2 = tl.load(ksp + HALF, mask=mk & SMOOTH, other=1.0)
-        pdl_wait(PDL)
-        r1, r2 = rotate(tl.load(k1p, mask=mk, other=0.0), tl.load(k1p + HALF, mask=mk, other=0.0), cos, sin)
-        if KV_FP8:
-            r1, r2 = fp8_kv_transform(r1, r2, ks1, ks2, h, h_norm, k_ptr.dtype.element_ty, IEEE, SMOOTH, True)
-        r1 = r1.to(k_ptr.dtype.element_ty)
-        r2 = r2.to(k_ptr.dtype.element_ty)
-        tl.store(k1p, r1, mask=mk)
-        tl.store(k1p + HALF, r2, mask=mk)
-
+        r1, r2 = _heads_in_place(k_ptr + t * k_stride + hk * (2 * HALF) + d[None, :], mk,
+                                 sm_ptr + hk * (2 * HALF) + d[None, :], cos, sin, h, h_norm, HALF, KV_FP8, IEEE,
+                                 SMOOTH, True, PDL)
         if slot >= 0:
             c = slot * cache_slot_stride + hk * (2 * HALF) + d[None, :]
             v1p = v_ptr + t * v_stride + hk * (2 * HALF) + d[None, :]
