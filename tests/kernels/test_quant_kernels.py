@@ -288,3 +288,7 @@ def test_fp8_refused_before_compute_capability_8_9(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     check_fp8_kv_cache_supported(gpu)
     check_fp8_supported(gpu)
+    # The K rotation of an FP8 cache needs a power-of-two head_dim.
+    with pytest.raises(ValueError, match=r"power-of-two head_dim.*head_dim is 80.*--kv-cache-dtype auto"):
+        check_fp8_kv_cache_supported(gpu, 80)
+    check_fp8_kv_cache_supported(torch.device("cpu"), 128)
