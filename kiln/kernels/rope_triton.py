@@ -17,6 +17,9 @@ from kiln.kernels.pdl_triton import pdl_wait
 from kiln.kernels.rope import hadamard_sign_matrix
 
 
+ROPE_FP8_WIDE_T = 256  # from this many tokens, 64-row programs with an FP8 cache
+
+
 @triton.jit
 def rotate(x1, x2, cos, sin):
     """The two halves of a head rotated, in fp32 (callers round to their dtype). The fused
@@ -68,15 +71,21 @@ def fp8_kv_transform(r1, r2, s1, s2, h, norm, DTYPE: tl.constexpr, IEEE: tl.cons
 
 
 @triton.jit
-def _heads_in_place(x1p, m, s1p, cos, sin, h, h_norm, HALF: tl.constexpr, KV_FP8: tl.constexpr,
-                    IEEE: tl.constexpr, SMOOTH: tl.constexpr, DIVIDE: tl.constexpr, PDL: tl.constexpr):
-    """Rows of q or k heads (first halves at x1p, rows where m) RoPE'd in place, for an FP8 cache
-    also smoothed by the rows at s1p (k divided by them: DIVIDE) and Hadamard-rotated. Returns
-    the two halves as stored. The smoothing rows load before the PDL wait (no kernel writes
-    them); the heads after it."""
-    s1 = tl.load(s1p, mask=m & SMOOTH, other=1.0)
-    s2 = tl.load(s1p + HALF, mask=m & SMOOTH, other=1.0)
+def _rows_in_place(x_ptr, x_stride, tok, head, m, pos_ptr, cs_ptr, cs_stride, s_rows, h, h_norm, HALF: tl.constexpr,
+                   KV_FP8: tl.constexpr, IEEE: tl.constexpr, SMOOTH: tl.constexpr, DIVIDE: tl.constexpr,
+                   PDL: tl.constexpr):
+    """Rows (token tok, head head; [R, 1] each, rows where m) of q or k RoPE'd in place; for an
+    FP8 cache also smoothed by the rows of s_rows (k divided by them: DIVIDE) and
+    Hadamard-rotated. Returns the two halves as stored. Positions, the RoPE table and the
+    smoothing rows load before the PDL wait (no kernel writes them); the heads after it."""
+    d = tl.arange(0, HALF)[None, :]
+    pos = tl.load(pos_ptr + tok, mask=m, other=0)
+    cos = tl.load(cs_ptr + pos * cs_stride + d, mask=m, other=1.0)
+    sin = tl.load(cs_ptr + pos * cs_stride + HALF + d, mask=m, other=0.0)
+    s1 = tl.load(s_rows + d, mask=m & SMOOTH, other=1.0)
+    s2 = tl.load(s_rows + HALF + d, mask=m & SMOOTH, other=1.0)
     pdl_wait(PDL)
+    x1p = x_ptr + tok * x_stride + head * (2 * HALF) + d
     r1, r2 = rotate(tl.load(x1p, mask=m, other=0.0), tl.load(x1p + HALF, mask=m, other=0.0), cos, sin)
     if KV_FP8:
         r1, r2 = fp8_kv_transform(r1, r2, s1, s2, h, h_norm, x1p.dtype.element_ty, IEEE, SMOOTH, DIVIDE)
@@ -88,52 +97,49 @@ def _heads_in_place(x1p, m, s1p, cos, sin, h, h_norm, HALF: tl.constexpr, KV_FP8
 
 
 @triton.jit
-def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr, h_ptr, h_norm, sm_ptr,
+def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr, h_ptr, h_norm, sm_ptr, T,
                        q_stride, k_stride, v_stride, cs_stride, cache_slot_stride, inv_k_scale, inv_v_scale,
                        KV_FP8: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
-                       BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, IEEE: tl.constexpr,
-                       SMOOTH: tl.constexpr, PDL: tl.constexpr = False):
-    """Program (t, p): token t's query heads p * BLOCK_HQ.. for p below Q_PROGRAMS, else its key
-    heads (and their values' cache writes) from (p - Q_PROGRAMS) * BLOCK_HKV."""
-    Q_PROGRAMS: tl.constexpr = (HQ + BLOCK_HQ - 1) // BLOCK_HQ
-    t = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1)
-    # What no kernel writes first, before the PDL wait: the step's positions and slots (copied in
-    # before its first kernel), the RoPE table, the Hadamard signs and the smoothing rows.
-    pos = tl.load(pos_ptr + t)
-    slot = tl.load(slot_ptr + t)
+                       BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
+                       IEEE: tl.constexpr, SMOOTH: tl.constexpr, PDL: tl.constexpr = False):
+    """A program takes TQ tokens x BLOCK_HQ query heads, or (after all of those) TK tokens x
+    BLOCK_HKV key heads and writes their keys and values to the cache: rows (token, head)."""
+    Q_BLOCKS: tl.constexpr = (HQ + BLOCK_HQ - 1) // BLOCK_HQ
+    K_BLOCKS: tl.constexpr = (HKV + BLOCK_HKV - 1) // BLOCK_HKV
+    pid = tl.program_id(0)
+    q_programs = tl.cdiv(T, TQ) * Q_BLOCKS
     d = tl.arange(0, HALF)
-    cos = tl.load(cs_ptr + pos * cs_stride + d)[None, :]
-    sin = tl.load(cs_ptr + pos * cs_stride + HALF + d)[None, :]
     if KV_FP8:  # the Hadamard halves' +-1 matrix
         h = tl.load(h_ptr + d[:, None] * HALF + d[None, :])
     else:
         h = h_norm  # unused
-
-    if p < Q_PROGRAMS:
-        hq = p * BLOCK_HQ + tl.arange(0, BLOCK_HQ)[:, None]
+    if pid < q_programs:
+        # (Names apart from the other branch's: Triton wants a name's type alike in both.)
+        rq = tl.arange(0, TQ * BLOCK_HQ)[:, None]
+        tq = ((pid // Q_BLOCKS) * TQ + rq // BLOCK_HQ).to(tl.int64)
+        hq = (pid % Q_BLOCKS) * BLOCK_HQ + rq % BLOCK_HQ
         # Each query head takes its KV head's smoothing row.
-        _heads_in_place(q_ptr + t * q_stride + hq * (2 * HALF) + d[None, :], hq < HQ,
-                        sm_ptr + (hq // (HQ // HKV)) * (2 * HALF) + d[None, :], cos, sin, h, h_norm, HALF, KV_FP8,
-                        IEEE, SMOOTH, False, PDL)
+        _rows_in_place(q_ptr, q_stride, tq, hq, (tq < T) & (hq < HQ), pos_ptr, cs_ptr, cs_stride,
+                       sm_ptr + (hq // (HQ // HKV)) * (2 * HALF), h, h_norm, HALF, KV_FP8, IEEE, SMOOTH, False, PDL)
     else:
-        hk = (p - Q_PROGRAMS) * BLOCK_HKV + tl.arange(0, BLOCK_HKV)[:, None]
-        mk = hk < HKV
-        r1, r2 = _heads_in_place(k_ptr + t * k_stride + hk * (2 * HALF) + d[None, :], mk,
-                                 sm_ptr + hk * (2 * HALF) + d[None, :], cos, sin, h, h_norm, HALF, KV_FP8, IEEE,
-                                 SMOOTH, True, PDL)
-        if slot >= 0:
-            c = slot * cache_slot_stride + hk * (2 * HALF) + d[None, :]
-            v1p = v_ptr + t * v_stride + hk * (2 * HALF) + d[None, :]
-            v1 = tl.load(v1p, mask=mk, other=0.0).to(tl.float32)
-            v2 = tl.load(v1p + HALF, mask=mk, other=0.0).to(tl.float32)
-            # The rotated key as rounded above; V from fp32.
-            tl.store(kc_ptr + c, kv_cache_value(r1, inv_k_scale, KV_FP8).to(kc_ptr.dtype.element_ty), mask=mk)
-            tl.store(kc_ptr + c + HALF, kv_cache_value(r2, inv_k_scale, KV_FP8).to(kc_ptr.dtype.element_ty),
-                     mask=mk)
-            tl.store(vc_ptr + c, kv_cache_value(v1, inv_v_scale, KV_FP8).to(vc_ptr.dtype.element_ty), mask=mk)
-            tl.store(vc_ptr + c + HALF, kv_cache_value(v2, inv_v_scale, KV_FP8).to(vc_ptr.dtype.element_ty),
-                     mask=mk)
+        pk = pid - q_programs
+        r = tl.arange(0, TK * BLOCK_HKV)[:, None]
+        tok = ((pk // K_BLOCKS) * TK + r // BLOCK_HKV).to(tl.int64)
+        head = (pk % K_BLOCKS) * BLOCK_HKV + r % BLOCK_HKV
+        m = (tok < T) & (head < HKV)
+        slot = tl.load(slot_ptr + tok, mask=m, other=-1)  # the step's slots: no kernel writes them
+        r1, r2 = _rows_in_place(k_ptr, k_stride, tok, head, m, pos_ptr, cs_ptr, cs_stride,
+                                sm_ptr + head * (2 * HALF), h, h_norm, HALF, KV_FP8, IEEE, SMOOTH, True, PDL)
+        mw = m & (slot >= 0)
+        c = slot * cache_slot_stride + head * (2 * HALF) + d[None, :]
+        v1p = v_ptr + tok * v_stride + head * (2 * HALF) + d[None, :]
+        v1 = tl.load(v1p, mask=mw, other=0.0).to(tl.float32)
+        v2 = tl.load(v1p + HALF, mask=mw, other=0.0).to(tl.float32)
+        # The rotated key as rounded above; V from fp32.
+        tl.store(kc_ptr + c, kv_cache_value(r1, inv_k_scale, KV_FP8).to(kc_ptr.dtype.element_ty), mask=mw)
+        tl.store(kc_ptr + c + HALF, kv_cache_value(r2, inv_k_scale, KV_FP8).to(kc_ptr.dtype.element_ty), mask=mw)
+        tl.store(vc_ptr + c, kv_cache_value(v1, inv_v_scale, KV_FP8).to(vc_ptr.dtype.element_ty), mask=mw)
+        tl.store(vc_ptr + c + HALF, kv_cache_value(v2, inv_v_scale, KV_FP8).to(vc_ptr.dtype.element_ty), mask=mw)
 
 
 def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -151,12 +157,19 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
     smooth = fp8 and k_smooth is not None
     if smooth:
         assert k_smooth.shape == (HKV, D) and k_smooth.dtype == torch.float32 and k_smooth.is_contiguous()
-    # With an FP8 cache, blocks of 16 heads (tl.dot's least rows) a program: the Hadamard dots of
-    # one token then run on several SMs at once (at batch 1 one program took them all in turn).
-    bq, bk = (16, 16) if fp8 else (triton.next_power_of_2(HQ), triton.next_power_of_2(HKV))
+    # With an FP8 cache a program's rows (token, head) feed tl.dot (the Hadamard rotation), which
+    # takes at least 16: up to 16 heads of 1+ tokens, so a decode token's dots run on several SMs;
+    # 64 rows for prefill-sized steps, so each program's Hadamard load and dot setup serve more.
+    if fp8:
+        bq, bk = min(16, triton.next_power_of_2(HQ)), min(16, triton.next_power_of_2(HKV))
+        rows = 64 if T >= ROPE_FP8_WIDE_T else 16
+        tq, tk = max(1, rows // bq), max(1, rows // bk)
+    else:
+        bq, bk, tq, tk = triton.next_power_of_2(HQ), triton.next_power_of_2(HKV), 1, 1
     h = hadamard_sign_matrix(D // 2, q.device, q.dtype) if fp8 else cos_sin
-    _rope_cache_kernel[(T, triton.cdiv(HQ, bq) + triton.cdiv(HKV, bk))](
-        q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, h, D ** -0.5, k_smooth if smooth else h,
+    grid = triton.cdiv(T, tq) * triton.cdiv(HQ, bq) + triton.cdiv(T, tk) * triton.cdiv(HKV, bk)
+    _rope_cache_kernel[(grid,)](
+        q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, h, D ** -0.5, k_smooth if smooth else h, T,
         q.stride(0), k.stride(0), v.stride(0), cos_sin.stride(0), HKV * D, 1.0 / k_scale, 1.0 / v_scale,
-        KV_FP8=fp8, HQ=HQ, HKV=HKV, HALF=D // 2, BLOCK_HQ=bq, BLOCK_HKV=bk, IEEE=q.dtype == torch.float32,
-        SMOOTH=smooth, num_warps=4, **backend.pdl_launch(q))
+        KV_FP8=fp8, HQ=HQ, HKV=HKV, HALF=D // 2, BLOCK_HQ=bq, BLOCK_HKV=bk, TQ=tq, TK=tk,
+        IEEE=q.dtype == torch.float32, SMOOTH=smooth, num_warps=4, **backend.pdl_launch(q))

@@ -175,8 +175,10 @@ def test_fp8_kv_triton_matches_reference(q_lens, ctx, hq, hkv, d, page):
 
 @pytest.mark.parametrize("T, hq, hkv, d, dtype, smooth", [
     (5, 9, 3, 64, torch.float32, True), (4, 8, 2, 32, torch.float16, True), (3, 4, 2, 32, torch.float32, False),
+    (300, 4, 2, 32, torch.float32, True),  # prefill-sized: several tokens a program
     pytest.param(64, 32, 8, 128, torch.bfloat16, True, marks=pytest.mark.gpu),
-    pytest.param(7, 9, 3, 64, torch.bfloat16, False, marks=pytest.mark.gpu)])
+    pytest.param(7, 9, 3, 64, torch.bfloat16, False, marks=pytest.mark.gpu),
+    pytest.param(600, 32, 8, 128, torch.bfloat16, True, marks=pytest.mark.gpu)])
 def test_rope_writes_fp8_cache(T, hq, hkv, d, dtype, smooth):
     """With an FP8 cache the kernel leaves q and k RoPE'd, smoothed and Hadamard-rotated as the
     reference does, so scores are those of the plain q and k; K and V go to the cache scaled.
