@@ -1,10 +1,10 @@
 """RoPE on q and k, fused with writing k and v into the paged cache (Triton).
 
-One program per token: it rotates all of the token's query heads in place,
-rotates its key heads, and stores keys and values at the token's cache slot.
-A slot of -1 (padding in a captured CUDA graph) writes nothing. With an FP8 cache
-q and k are then smoothed and Hadamard-rotated as rope.fp8_kv_transform_ref does (see
-kiln/kernels/rope.py).
+A program takes a block of (token, head) rows: query heads, rotated in place, or
+key heads, rotated in place and stored with their values at each token's cache
+slot. A slot of -1 (padding in a captured CUDA graph) writes nothing. With an FP8
+cache q and k are then smoothed and Hadamard-rotated as rope.fp8_kv_transform_ref
+does (see kiln/kernels/rope.py).
 """
 from __future__ import annotations
 

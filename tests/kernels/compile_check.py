@@ -71,10 +71,11 @@ def launches(pdl: bool) -> dict:
     cs = rope_cos_sin(64, 64, 10000.0, None, torch.device("cpu"))
     pos, slots = torch.tensor([1, 2]), torch.tensor([1, -1])
 
-    def rope(cache_dtype):
-        q, k, v = torch.randn(2, 4, 64, dtype=BF16), torch.randn(2, 2, 64, dtype=BF16), torch.randn(2, 2, 64, dtype=BF16)
+    def rope(cache_dtype, tokens=2, smooth=None):
+        q, k, v = (torch.randn(tokens, h, 64, dtype=BF16) for h in (4, 2, 2))
         kc, vc = torch.zeros(4, 8, 2, 64, dtype=cache_dtype), torch.zeros(4, 8, 2, 64, dtype=cache_dtype)
-        rope_triton.rope_and_cache(q, k, v, pos, cs, kc, vc, slots, 0.5, 0.5)
+        p, sl = torch.zeros(tokens, dtype=torch.int64), torch.full((tokens,), -1, dtype=torch.int64)
+        rope_triton.rope_and_cache(q, k, v, p, cs, kc, vc, sl, 0.5, 0.5, smooth)
 
     def attention(cache_dtype, decode_only, long):
         q_lens, ctx = ([1, 1], [900 if long else 20, 5]) if decode_only else ([1, 9], [20, 4])
@@ -111,6 +112,9 @@ def launches(pdl: bool) -> dict:
             torch.randn(1, 2 * (activation_triton.ONE_PASS_MAX_COLS + 64), dtype=BF16), fp8=True),
         "rope + cache bf16": lambda: rope(BF16),
         "rope + cache fp8": lambda: rope(FP8),
+        # What the engine runs: smoothing rows, and the wider programs of a prefill-sized step.
+        "rope + cache fp8, smoothed": lambda: rope(FP8, smooth=torch.ones(2, 64)),
+        "rope + cache fp8, smoothed, prefill rows": lambda: rope(FP8, rope_triton.ROPE_FP8_WIDE_T, torch.ones(2, 64)),
         "decode, one split": lambda: attention(BF16, True, False),
         "decode, splits": lambda: attention(BF16, True, True),
         "decode, splits, fp8 cache": lambda: attention(FP8, True, True),
