@@ -22,7 +22,7 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import write_result  # noqa: E402
-from kiln.kernels import int4_gemv_triton, quant, quant_triton  # noqa: E402
+from kiln.kernels import int4_gemm_triton, int4_gemv_triton, quant, quant_triton  # noqa: E402
 
 COPY_TBS = 3.02
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -62,14 +62,14 @@ def layer_ms(ws: dict, M: int, path: str, tiles=None, check: bool = False) -> fl
             return F.linear(x, w["bf16"])
         if path == "int4-gemv":
             return quant_triton.gemv(x, *w["int4"], bits=4, group=128, tiles=tiles)
-        if path == "int4-tc":
-            return quant_triton.tensor_core_linear(x, *w["int4"], bits=4, group=128)
+        if path == "int4-gemm":
+            return int4_gemm_triton.int4_gemm(x, *w["int4"], 128, tiles=tiles)
         if path == "int4-dequant":
             return F.linear(x, quant_triton.dequantize_int4(*w["int4"], DT, 128))
         if path == "fp8-gemv":
             return quant_triton.gemv(x, *w["fp8"], None, bits=8, group=128, tiles=tiles)
         if path == "fp8-tc":
-            return quant_triton.tensor_core_linear(x, *w["fp8"], None, bits=8, group=128)
+            return quant_triton.tensor_core_linear(x, *w["fp8"])
         if path == "fp8-scaled-mm":
             xq, xsc = quant_triton.quantize_fp8_per_token(x)
             return torch._scaled_mm(xq, w["fp8"][0].t(), scale_a=xsc, scale_b=w["fp8"][1][None, :], out_dtype=DT,
@@ -91,12 +91,13 @@ def layer_ms(ws: dict, M: int, path: str, tiles=None, check: bool = False) -> fl
 
 
 def sweep(ws: dict, path: str, M: int, grid) -> dict:
-    """grid: (BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+    """grid: (BLOCK_N, BLOCK_K, num_warps, num_stages) for the GEMVs; (BLOCK_M, BLOCK_N,
+    num_warps, num_stages, SWAP_AB, SPLIT_PER_SM) for int4-gemm."""
     res = {}
-    for bn, bk, w, st in grid:
-        key = f"n{bn}-k{bk}-w{w}-s{st}"
+    for tiles in grid:
+        key = "-".join(f"{c}{int(v)}" for c, v in zip("nkws" if len(tiles) == 4 else "mnwsxp", tiles))
         try:
-            res[key] = round(layer_ms(ws, M, path, tiles=(bn, bk, w, st), check=True), 4)
+            res[key] = round(layer_ms(ws, M, path, tiles=tiles, check=True), 4)
         except Exception as e:  # e.g. out of registers or shared memory
             res[key] = f"{type(e).__name__}: {str(e)[:80]}"
         print(path, M, key, res[key], flush=True)
@@ -104,8 +105,18 @@ def sweep(ws: dict, path: str, M: int, grid) -> dict:
 
 
 def best(res: dict) -> tuple[int, ...]:
-    key = min((k for k, v in res.items() if isinstance(v, float)), key=res.get)
+    key = min((k for k, v in res.items() if isinstance(v, float) and not k.startswith("best")), key=res.get)
     return tuple(int(p[1:]) for p in key.split("-"))
+
+
+def int4_gemm_grid(M: int) -> list[tuple[int, int, int, int, bool, int]]:
+    """Tiles of the int4 tensor-core GEMM worth timing at M rows: narrow weight tiles on one or
+    two warps (mma.sync, many programs to hide latency) for a few rows, wgmma-sized ones past."""
+    bm = min(max(16, triton.next_power_of_2(M)), 64)
+    if M <= 64:
+        return [(bm, bn, w, st, swap, 4) for bn, w in ((16, 1), (16, 2), (32, 1), (32, 2), (64, 2), (64, 4))
+                for st in (2, 3, 4) for swap in ((True, False) if bn == 16 else (True,))]
+    return [(bm_, bn, w, st, True, 4) for bm_ in (64, 128) for bn in (64, 128) for w in (4, 8) for st in (3, 4)]
 
 
 def main() -> None:
@@ -115,6 +126,8 @@ def main() -> None:
     ap.add_argument("--sweep-fp8", action="store_true", help="with --sweep: the 8-bit GEMV's tiles too")
     ap.add_argument("--sweep-shapes", action="store_true", help="the int4 GEMV's tiles per layer shape")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024])
+    ap.add_argument("--sweep-int4-gemm", action="store_true",
+                    help="time the int4 tensor-core GEMM's tiles at each of --rows past the GEMV's, and use the best")
     ap.add_argument("--int4-gemv-rows", type=int, default=None,
                     help="time the int4 GEMV up to this many rows, past the engine's INT4_GEMV_MAX_M")
     args = ap.parse_args()
@@ -142,14 +155,26 @@ def main() -> None:
                 by_shape[key] = round(ms(lambda: quant_triton.gemv(x, *ws[name]["int4"], bits=4, group=128,
                                                                    tiles=(bn, bk, w, st))), 4)
                 print(key, by_shape[key], flush=True)
+    if args.sweep_int4_gemm:
+        figures["sweep_int4_gemm_ms"] = by_m = {}
+        for M in (m for m in args.rows if m > int4_gemv_triton.INT4_GEMV_MAX_M):
+            by_m[str(M)] = res = sweep(ws, "int4-gemm", M, int4_gemm_grid(M))
+            bm, bn, w, st, swap, _ = best(res)
+            split_ms = {4: res[f"m{bm}-n{bn}-w{w}-s{st}-x{swap}-p4"]}
+            for per_sm in (0, 2, 8, 16):  # how far K is split, at the best tiles
+                tiles = (bm, bn, w, st, bool(swap), per_sm)
+                split_ms[per_sm] = res[f"best-split{per_sm}"] = round(layer_ms(ws, M, "int4-gemm", tiles, True), 4)
+                print("int4-gemm", M, f"split {per_sm}", split_ms[per_sm], flush=True)
+            int4_gemm_triton.TILES[M] = (bm, bn, w, st, bool(swap), min(split_ms, key=split_ms.get))
+        figures["int4_gemm_tiles"] = {str(m): t for m, t in sorted(int4_gemm_triton.TILES.items())}
     figures["gemv_tiles"] = {"4": int4_gemv_triton.TILES, "8": quant_triton.GEMV_TILES[8]}
     rows = {}
     for M in args.rows:
         row = {"bf16_ms": layer_ms(ws, M, "bf16")}
-        paths = ["int4-tc", "fp8-tc", "fp8-scaled-mm", "int4-dequant"]
+        paths = ["int4-gemm", "fp8-tc", "fp8-scaled-mm", "int4-dequant"]
         # The GEMVs where they may run (the 8-bit one up to 4 rows, to show where it stops paying).
         paths = ((["int4-gemv"] if M <= int4_gemv_triton.INT4_GEMV_MAX_M else []) + (["fp8-gemv"] if M <= 4 else [])
-                 + paths)
+                 + [p for p in paths if p != "int4-gemm" or M > int4_gemv_triton.INT4_GEMV_MAX_M])
         for p in paths:
             try:
                 row[p + "_ms"] = layer_ms(ws, M, p, check=True)
@@ -161,11 +186,10 @@ def main() -> None:
         rows[str(M)] = row
         print(M, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     figures["by_rows"] = rows
-    print("\nrows " + " ".join(f"{p:>14s}" for p in ("bf16", "int4-gemv", "int4-tc", "int4-dequant",
-                                                    "fp8-gemv", "fp8-tc", "fp8-scaled-mm")))
+    cols = ("bf16", "int4-gemv", "int4-gemm", "int4-dequant", "fp8-gemv", "fp8-tc", "fp8-scaled-mm")
+    print("\nrows " + " ".join(f"{p:>14s}" for p in cols))
     for M, row in rows.items():
-        cells = [row.get(p + "_ms") for p in ("bf16", "int4-gemv", "int4-tc", "int4-dequant",
-                                               "fp8-gemv", "fp8-tc", "fp8-scaled-mm")]
+        cells = [row.get(p + "_ms") for p in cols]
         print(f"{M:>4s} " + " ".join(f"{c:14.4f}" if isinstance(c, float) else f"{'-':>14s}" for c in cells))
     print("wrote", write_result(args.name, figures, ceilings={"copy_TBps": COPY_TBS}, triton=triton.__version__))
 

@@ -6,10 +6,11 @@ and keeps products elementwise until one reduction at the end. fp8 streams at
 ~85% of the copy ceiling. int4's decode GEMV (1-6 rows, with its SwiGLU and
 RoPE epilogues) is kiln/kernels/int4_gemv_triton.py.
 
-Larger batches: a tensor-core kernel widens the codes (8-bit, or int4
-unpacked and scaled per group) in registers, K split over programs when
-output tiles are few. Past INT4_TC_MAX_M rows, int4 is dequantized once to a
-scratch and cuBLAS does the compute-bound rest.
+Larger batches: a tensor-core kernel widens the 8-bit codes in registers, K
+split over programs when output tiles are few. int4 past the GEMV's rows runs
+kiln/kernels/int4_gemm_triton.py up to its INT4_GEMM_MAX_M rows; past that
+(or with fp32 activations) it is dequantized once to a scratch and cuBLAS does
+the compute-bound rest.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels import backend, int4_gemv_triton
+from kiln.kernels import backend, int4_gemm_triton, int4_gemv_triton
 from kiln.kernels.int4_gemv_triton import INT4_GEMV_MAX_M, check_group
 from kiln.kernels.pdl_triton import pdl_wait
 
@@ -27,16 +28,11 @@ from kiln.kernels.pdl_triton import pdl_wait
 # M changes with the batch (see attention_triton); k_per_split must stay specialized: without
 # its divisibility by 16 the K loop loses its 16-byte async copies (PTX: 24 cp.async -> 0).
 @triton.jit(do_not_specialize=["M"])
-def _woq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride, s_stride, out_stride,
-                k_per_split, BITS: tl.constexpr, FP8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-    """Quantized W [N, K] on tensor cores, for batches past the GEMV's: the codes are widened to
-    x's dtype in registers. int4: a tile lies inside one group (GROUP % BLOCK_K == 0) and holds
-    BW = BLOCK_K/8 of its words; unpacking them along a new middle axis and merging it with the
-    first gives rows r = 8i + j (the register layout of the pre-plane-major packing, which the
-    H100 ran fastest), which are k = group start + j * GROUP/8 + (first word) + i: x, a few
-    rows, is gathered in that order instead."""
-    BW: tl.constexpr = BLOCK_K // 8
+def _woq_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, x_stride, w_stride, out_stride, k_per_split,
+                FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                IEEE: tl.constexpr):
+    """8-bit W [N, K] (int8 or e4m3 codes, one scale per row) on tensor cores, for batches past
+    the GEMV's: the codes are widened to x's dtype in registers."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -50,32 +46,18 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride
     w_cols = w_ptr + offs_n[None, :].to(tl.int64) * w_stride
     for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        if BITS == 4:
-            r = tl.arange(0, BLOCK_K)
-            offs_k = (k0 // GROUP) * GROUP + (r % 8) * (GROUP // 8) + (k0 % GROUP) // 8 + r // 8
         x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None], other=0.0)
-        if BITS == 4:
-            g = k0 // GROUP
-            words = k0 // 8 + tl.arange(0, BW)
-            packed = tl.load(w_cols + words[:, None], mask=mask_n[None, :], other=0)
-            shifts = 4 * tl.arange(0, 8)
-            codes = tl.reshape((packed[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
-            scale = tl.load(s_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
-            mn = tl.load(z_ptr + offs_n.to(tl.int64) * s_stride + g, mask=mask_n, other=0.0).to(tl.float32)
-            w = (codes.to(tl.float32) * scale[None, :] + mn[None, :]).to(x.dtype)
+        q = tl.load(w_cols + offs_k[:, None], mask=mask_n[None, :], other=0)
+        if FP8:  # e4m3 codes arrive as bytes (a masked fp8 load cannot take a fill value)
+            w = q.to(tl.float8e4nv, bitcast=True).to(x.dtype)
         else:
-            q = tl.load(w_cols + offs_k[:, None], mask=mask_n[None, :], other=0)
-            if FP8:  # e4m3 codes arrive as bytes (a masked fp8 load cannot take a fill value)
-                w = q.to(tl.float8e4nv, bitcast=True).to(x.dtype)
-            else:
-                w = q.to(x.dtype)
+            w = q.to(x.dtype)
         if IEEE:  # fp32 activations: exact products, not TF32
             acc += tl.dot(x, w, input_precision="ieee")
         else:
             acc += tl.dot(x, w)
-    if BITS != 4:  # per output channel, once
-        scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc = acc * scale[None, :]
+    scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    acc = acc * scale[None, :]
     ptrs = out_ptr + offs_m[:, None].to(tl.int64) * out_stride + offs_n[None, :]
     tl.atomic_add(ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
 
@@ -171,10 +153,6 @@ def _num_sms(index: int) -> int:
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): benchmarks/quant_gemm.py on the H100.
 GEMV_MAX_M = 1
 GEMV_TILES = {8: (4, 1024, 2, 2)}  # int4's: int4_gemv_triton.TILES
-# Past this many rows int4 is dequantized once to a scratch and cuBLAS does the rest: on the H100
-# the tensor-core kernel takes 0.31 ms per Llama-8B layer at 16 rows, 0.73 at 32, the dequantize
-# path 0.40 at any count up to 128 (benchmarks/results/quant-gemm-h100.json).
-INT4_TC_MAX_M = 16
 
 
 def _tiles(M: int, on_gpu: bool) -> tuple[int, int, int, int, int]:
@@ -208,18 +186,13 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
     return out
 
 
-def tensor_core_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-                       bits: int, group: int) -> torch.Tensor:
-    """The tensor-core kernel for any number of rows of x."""
+def tensor_core_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The 8-bit tensor-core kernel for any number of rows of x."""
     M, K = x.shape
     N = w.shape[0]
     if w.dtype == torch.float8_e4m3fn:
         w = w.view(torch.uint8)
     block_m, block_n, block_k, warps, stages = _tiles(M, x.is_cuda)
-    if bits == 4:
-        block_k = min(block_k, group)
-        if group % block_k:
-            raise ValueError(f"int4 group size {group} must be a multiple of {block_k}")
     if K % block_k:
         raise ValueError(f"K={K} must be a multiple of {block_k}")
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
@@ -230,10 +203,9 @@ def tensor_core_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, m
         splits *= 2
     out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), splits)
-    _woq_kernel[grid](x, w, scales, mins if mins is not None else scales, out, M, N, K, x.stride(0), w.stride(0),
-                      scales.stride(0), out.stride(0), K // splits, BITS=bits, FP8=w.dtype == torch.uint8,
-                      GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-                      num_stages=stages, IEEE=x.dtype == torch.float32)
+    _woq_kernel[grid](x, w, scales, out, M, N, K, x.stride(0), w.stride(0), out.stride(0), K // splits,
+                      FP8=w.dtype == torch.uint8, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                      num_warps=warps, num_stages=stages, IEEE=x.dtype == torch.float32)
     return out.to(x.dtype)
 
 
@@ -245,11 +217,14 @@ def woq_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: tor
     M = x.shape[0]
     if bits == 4:
         check_group(group)
-        if M > INT4_TC_MAX_M:
-            return torch.nn.functional.linear(x, dequantize_int4(w, scales, mins, x.dtype, group))
-    if M <= (INT4_GEMV_MAX_M if bits == 4 else GEMV_MAX_M):
+        if M <= INT4_GEMV_MAX_M:
+            return gemv(x, w, scales, mins, bits, group)
+        if M <= int4_gemm_triton.INT4_GEMM_MAX_M and x.dtype != torch.float32:
+            return int4_gemm_triton.int4_gemm(x, w, scales, mins, group)
+        return torch.nn.functional.linear(x, dequantize_int4(w, scales, mins, x.dtype, group))
+    if M <= GEMV_MAX_M:
         return gemv(x, w, scales, mins, bits, group)
-    return tensor_core_linear(x, w, scales, mins, bits, group)
+    return tensor_core_linear(x, w, scales)
 
 
 def dequantize_int4(w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, dtype: torch.dtype,

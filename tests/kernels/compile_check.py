@@ -58,8 +58,8 @@ def _compile_only() -> None:
 def launches(pdl: bool) -> dict:
     """Name -> a call of a kiln kernel wrapper, with the dtypes and variants a GPU runs. Names
     with "fp8" need e4m3, which kiln refuses before compute capability 8.9."""
-    from kiln.kernels import (activation_triton, argmax_triton, attention_triton, backend, int4_gemv_triton,
-                              norm_triton, quant, quant_triton, rope_triton)
+    from kiln.kernels import (activation_triton, argmax_triton, attention_triton, backend, int4_gemm_triton,
+                              int4_gemv_triton, norm_triton, quant, quant_triton, rope_triton)
     from kiln.kernels.attention import AttentionMetadata
     from kiln.kernels.rope import rope_cos_sin
 
@@ -124,13 +124,18 @@ def launches(pdl: bool) -> dict:
         "int4 gemv GPU tiles": lambda: int4_gemv_triton.gemv(x[:1], w4, s4, m4, 128, tiles=int4_gemv_triton.TILES),
         "int4 gemv + swiglu": lambda: int4_gemv_triton.gemv(x[:1], w4, s4, m4, 128, up_offset=32),
         "int4 qkv + rope": lambda: qkv_rope(BF16),
-        "int4 tensor cores": lambda: quant_triton.tensor_core_linear(x, w4, s4, m4, 4, 128),
+        "int4 gemm, every tile": lambda: [int4_gemm_triton.int4_gemm(x, w4, s4, m4, 128, tiles=t)
+                                          for t in sorted(set(int4_gemm_triton.TILES.values()))],
+        "int4 gemm, K whole": lambda: int4_gemm_triton.int4_gemm(x, w4, s4, m4, 128,
+                                                                tiles=int4_gemm_triton.TILES[16][:5] + (0,)),
+        "int4 gemm fp16": lambda: int4_gemm_triton.int4_gemm(x.half(), w4, s4.half(), m4.half(), 128,
+                                                            tiles=int4_gemm_triton.TILES[16]),
         "int4 dequantize": lambda: quant_triton.dequantize_int4(w4, s4, m4, BF16, 128),
         "argmax fp32 logits": lambda: argmax_triton.argmax(torch.randn(2, 5000)),
         "int8 gemv": lambda: quant_triton.gemv(x[:1], w8, s8, None, 8, 0),
         "fp8 gemv": lambda: quant_triton.gemv(x[:1], w8f, s8, None, 8, 0),
-        "int8 tensor cores": lambda: quant_triton.tensor_core_linear(x, w8, s8, None, 8, 0),
-        "fp8 weights, tensor cores": lambda: quant_triton.tensor_core_linear(x, w8f, s8, None, 8, 0),
+        "int8 tensor cores": lambda: quant_triton.tensor_core_linear(x, w8, s8),
+        "fp8 weights, tensor cores": lambda: quant_triton.tensor_core_linear(x, w8f, s8),
         # Its wrapper takes the reference on CPU tensors (the interpreter's e4m3 cast is wrong).
         "fp8 per-token quantize": lambda: quant_triton._fp8_per_token_kernel[(3,)](
             x, torch.empty(3, 256, dtype=FP8), torch.empty(3, 1), 256, x.stride(0), 256, BLOCK=256, num_warps=8),

@@ -60,6 +60,35 @@ def test_int4_gemm_groups_not_a_power_of_two_per_row(m):
         assert rel_err(got, quant.int4_linear_ref(x, p, sc, mn, None)) < 1e-4
 
 
+@pytest.mark.parametrize("m, n, k, group, dtype", [
+    (7, 48, 256, 128, torch.float16), (20, 40, 256, 32, torch.float16),  # N not a whole number of tiles
+    (33, 32, 192, 64, torch.float16),  # three M tiles, three groups
+    pytest.param(7, 6144, 4096, 128, torch.bfloat16, marks=pytest.mark.gpu),
+    pytest.param(64, 28672, 4096, 128, torch.bfloat16, marks=pytest.mark.gpu),
+    pytest.param(256, 4096, 14336, 128, torch.bfloat16, marks=pytest.mark.gpu),
+    pytest.param(100, 3072, 576, 32, torch.bfloat16, marks=pytest.mark.gpu),  # SmolLM2's gate/up
+    pytest.param(48, 4096, 4096, 128, torch.float16, marks=pytest.mark.gpu),
+])
+def test_int4_tensor_core_gemm(m, n, k, group, dtype):
+    """The int4 GEMM (codes as 128 + q or 1024 + q on the tensor cores, scale and min applied per
+    group to the partial products) against dequantize + matmul, in both operand orders, with K
+    whole or split over programs. The interpreter's dot is wrong for bf16, so CPU runs fp16."""
+    from kiln.kernels import int4_gemm_triton, quant
+
+    x = torch.randn(m, k, dtype=dtype, device=DEV)
+    w = torch.randn(n, k, device=DEV) * 0.02
+    p, sc, mn = quant.quantize_int4(w, group)
+    ref = quant.int4_linear_ref(x.float(), p, sc, mn, None)
+    block_m = 16 if DEV == "cpu" else (16 if m <= 16 else 64)
+    variants = [None] + [(block_m, 16 if DEV == "cpu" else 64, 1 if DEV == "cpu" else 4, 1 if DEV == "cpu" else 3, swap,
+                          split) for swap in (False, True) for split in (0, 4)]
+    for tiles in variants:
+        got = int4_gemm_triton.int4_gemm(x, p, sc, mn, group, tiles=tiles)
+        assert got.dtype == dtype and rel_err(got, ref) < TOL[dtype], tiles
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        int4_gemm_triton.int4_gemm(x.float(), p, sc, mn, group)
+
+
 def test_quantizers_round_trip():
     from kiln.kernels import quant
 
