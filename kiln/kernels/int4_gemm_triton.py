@@ -76,7 +76,9 @@ def _plane(packed, j: tl.constexpr, dtype: tl.constexpr):
     return bits.to(dtype, bitcast=True)
 
 
-@triton.jit(do_not_specialize=["M"])
+# M and the groups a split takes change with the batch: specializing on them would compile new
+# variants under load, after the engine's warm-up.
+@triton.jit(do_not_specialize=["M", "groups_per_split"])
 def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride, s_stride, out_stride,
                       groups_per_split, GROUP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr, PDL: tl.constexpr = False):
