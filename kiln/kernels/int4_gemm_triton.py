@@ -54,26 +54,25 @@ def tiles_for(M: int) -> tuple[int, int, int, int, bool, int]:
 
 
 @triton.jit
+def _offset_bits(nib, dtype: tl.constexpr):
+    """Codes 0..15 as the 16-bit pattern of OFFSET + q in `dtype` (bf16 128, fp16 1024)."""
+    if dtype == tl.bfloat16:
+        return (nib | 0x4300).to(tl.int16)
+    return (nib | 0x6400).to(tl.int16)
+
+
+@triton.jit
 def _codes(packed, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, dtype: tl.constexpr):
     """[BLOCK_N, GROUP/8] words -> [BLOCK_N, GROUP] codes as OFFSET + q in `dtype`, k in order."""
     shifts = 4 * tl.arange(0, 8)
     nib = (packed[:, None, :] >> shifts[None, :, None]) & 0xF
-    if dtype == tl.bfloat16:
-        bits = (nib | 0x4300).to(tl.int16)
-    else:
-        bits = (nib | 0x6400).to(tl.int16)
-    return tl.reshape(bits, (BLOCK_N, GROUP)).to(dtype, bitcast=True)
+    return tl.reshape(_offset_bits(nib, dtype), (BLOCK_N, GROUP)).to(dtype, bitcast=True)
 
 
 @triton.jit
 def _plane(packed, j: tl.constexpr, dtype: tl.constexpr):
     """Nibble plane j of the words, as OFFSET + q in `dtype` (same shape)."""
-    nib = (packed >> (4 * j)) & 0xF
-    if dtype == tl.bfloat16:
-        bits = (nib | 0x4300).to(tl.int16)
-    else:
-        bits = (nib | 0x6400).to(tl.int16)
-    return bits.to(dtype, bitcast=True)
+    return _offset_bits((packed >> (4 * j)) & 0xF, dtype).to(dtype, bitcast=True)
 
 
 # M and the groups a split takes change with the batch: specializing on them would compile new
