@@ -26,9 +26,11 @@ from kiln.kernels.pdl_triton import pdl_wait
 from kiln.kernels.rope_triton import rotate
 
 # One program per row of x and weight tile, reading the tile from L2 for all rows but one. Each
-# row past the first adds ~0.034 ms per Llama-8B layer on the H100; up to 6 rows that beats the
-# tensor-core kernel (4 rows: 0.144 against 0.213 ms, 6: 0.212 against 0.229; 7: 0.246 against
-# 0.237 ms: benchmarks/quant_gemm.py --int4-gemv-rows 8, quant-gemm-h100.json).
+# row past the first adds ~0.034 ms per Llama-8B layer on the H100; up to 6 rows that beat the
+# previous int4 tensor-core kernel (4 rows: 0.144 against 0.213 ms, 6: 0.212 against 0.229; 7:
+# 0.246 against 0.237 ms: benchmarks/quant_gemm.py --int4-gemv-rows 8, quant-gemm-h100.json).
+# int4_gemm_triton, which replaced that kernel, takes 0.111 ms at 8 rows (quant-gemm-int4-h100.json),
+# less than this GEMV at 4, so this limit is due a re-measurement (decode_batch.py --batches 3 4 5 6).
 INT4_GEMV_MAX_M = 6
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU (benchmarks/quant_gemm.py --sweep, H100);
 # BLOCK_K = 1024 * num_warps gives each thread 4 words (one 16-byte load) of every row.
