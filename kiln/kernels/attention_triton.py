@@ -15,7 +15,6 @@ no host synchronisation.
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
@@ -30,13 +29,6 @@ _LOG2E = 1.4426950408889634
 # short chunks use smaller tiles so padding rows do not dominate.
 PREFILL_CONFIG = {"BLOCK_M": 256, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
 PREFILL_CONFIG_SHORT = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-
-
-@functools.lru_cache(maxsize=8)
-def _num_sms(device_index: int) -> int:
-    if not torch.cuda.is_available():
-        return 16  # the interpreter: any small number
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 # Counts that change from step to step are not specialized on (Triton would compile a variant
@@ -202,7 +194,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, lens_ptr, cu_tiles_p
 
 def decode_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
     """Splits per sequence: enough programs to fill the GPU, at least ~256 keys each."""
-    sms = _num_sms(device.index or 0) if device.type == "cuda" else 16
+    sms = backend.num_sms(device.index or 0) if device.type == "cuda" else 16
     fill = triton.cdiv(2 * sms, batch * num_kv_heads)
     return max(1, min(fill, triton.cdiv(max_seq_len, 256), 64))
 

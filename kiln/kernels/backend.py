@@ -70,6 +70,12 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+@functools.lru_cache(maxsize=8)
+def num_sms(index: int) -> int:
+    """Streaming multiprocessors of CUDA device `index` (kernels size their grids by it)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def pdl_launch(t: torch.Tensor) -> dict:
     """Launch keywords for a kernel that takes `PDL: tl.constexpr` (see pdl_triton.pdl_wait):
     empty where programmatic dependent launch is off or unsupported (CPU, the interpreter, pre-Hopper)."""

@@ -166,7 +166,7 @@ def int4_gemm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torc
     block_m, block_n, warps, stages, swap, per_sm = tiles or (tiles_for(M) if x.is_cuda else INTERPRETER_TILES)
     tiles_mn = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     groups = K // group
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
+    sms = backend.num_sms(x.device.index or 0) if x.is_cuda else 2
     splits = 1
     while tiles_mn * splits < per_sm * sms and splits * 2 <= min(groups, 16):
         splits *= 2

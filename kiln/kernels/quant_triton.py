@@ -14,7 +14,6 @@ the compute-bound rest.
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
@@ -144,11 +143,6 @@ def _fp8_per_token_kernel(x_ptr, q_ptr, s_ptr, K, x_stride, q_stride, BLOCK: tl.
     tl.store(s_ptr + row, scale)
 
 
-@functools.lru_cache(maxsize=4)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count if torch.cuda.is_available() else 16
-
-
 # Up to this many rows the 8-bit register GEMV beats the tensor-core kernel, and its
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): benchmarks/quant_gemm.py on the H100.
 GEMV_MAX_M = 1
@@ -196,7 +190,7 @@ def tensor_core_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -
     if K % block_k:
         raise ValueError(f"K={K} must be a multiple of {block_k}")
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-    sms = _num_sms(x.device.index or 0) if x.is_cuda else 4
+    sms = backend.num_sms(x.device.index or 0) if x.is_cuda else 4
     # Split K until there are about two programs per SM (each split a whole number of K tiles).
     splits = 1
     while tiles * splits < 2 * sms and K % (splits * 2 * block_k) == 0 and splits < 16:
