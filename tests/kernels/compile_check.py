@@ -127,7 +127,7 @@ def launches(pdl: bool) -> dict:
         "int4 gemm, every tile": lambda: [int4_gemm_triton.int4_gemm(x, w4, s4, m4, 128, tiles=t)
                                           for t in sorted(set(int4_gemm_triton.TILES.values()))],
         "int4 gemm, K whole": lambda: int4_gemm_triton.int4_gemm(x, w4, s4, m4, 128,
-                                                                tiles=int4_gemm_triton.TILES[16][:5] + (0,)),
+                                                                tiles=int4_gemm_triton.TILES[16][:4] + (0,)),
         "int4 gemm fp16": lambda: int4_gemm_triton.int4_gemm(x.half(), w4, s4.half(), m4.half(), 128,
                                                             tiles=int4_gemm_triton.TILES[16]),
         "int4 dequantize": lambda: quant_triton.dequantize_int4(w4, s4, m4, BF16, 128),
