@@ -136,6 +136,17 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: _G
     return out.reshape(g.B, Hq, d) if g.max_q == 1 else out[g.seq_idx, g.row_in_seq]
 
 
+def _ref_plan(meta: AttentionMetadata, block_size: int, decodes: bool = True) -> list[_Group]:
+    """The step's padded groups (made once, shared by all layers); without the decodes if not `decodes`."""
+    key = ("ref_plan", block_size) if decodes else ("ref_plan_prompts", block_size)
+    plan = meta.cache.get(key)
+    if plan is None:
+        nd, B = meta.num_decodes, meta.num_seqs
+        plan = meta.cache[key] = (_plan_decodes(meta, block_size) if nd and decodes else []) + \
+            ([_plan_group(meta, nd, B, block_size)] if nd < B else [])
+    return plan
+
+
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         meta: AttentionMetadata, scale: float, k_scale: float = 1.0,
                         v_scale: float = 1.0) -> torch.Tensor:
@@ -145,17 +156,31 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     padded separately so a long prompt chunk does not pad every decode; the
     plan (masks, indices) is made once per step and shared by all layers.
     """
-    bs = k_cache.shape[1]
-    key = ("ref_plan", bs)
-    plan = meta.cache.get(key)
-    if plan is None:
-        nd, B = meta.num_decodes, meta.num_seqs
-        plan = meta.cache[key] = (_plan_decodes(meta, bs) if nd else []) + \
-            ([_plan_group(meta, nd, B, bs)] if nd < B else [])
     out = torch.empty_like(q)
-    for g in plan:
+    for g in _ref_plan(meta, k_cache.shape[1]):
         out[g.rows] = _attend(q[g.rows], k_cache, v_cache, g, scale, k_scale, v_scale)
     return out
+
+
+def _paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Decodes through the native CPU kernel, prompt chunks through the reference's SDPA."""
+    from kiln.kernels import attention_cpu
+
+    nd = meta.num_decodes
+    out = torch.empty(q.shape, dtype=q.dtype)
+    attention_cpu.paged_attention(out[:nd], q[:nd], k_cache, v_cache, meta.query_start_loc[:nd + 1],
+                                  meta.seq_lens[:nd], meta.block_tables[:nd], scale)
+    for g in _ref_plan(meta, k_cache.shape[1], decodes=False):
+        out[g.rows] = _attend(q[g.rows], k_cache, v_cache, g, scale, 1.0, 1.0)
+    return out
+
+
+def _native_cpu(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata) -> bool:
+    if backend.get_backend() != "auto" or q.is_cuda or not meta.num_decodes:
+        return False
+    from kiln.kernels import attention_cpu
+    return attention_cpu.supported(q, k_cache)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -164,4 +189,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if backend.use_triton(q):
         from kiln.kernels import attention_triton
         return attention_triton.paged_attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale)
+    if _native_cpu(q, k_cache, meta):
+        return _paged_attention_cpu(q, k_cache, v_cache, meta, scale)
     return paged_attention_ref(q, k_cache, v_cache, meta, scale, k_scale, v_scale)

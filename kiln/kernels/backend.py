@@ -1,8 +1,11 @@
 """Which implementation the dispatchers pick: Triton kernels or torch references.
 
-"auto" runs Triton on CUDA tensors and the references elsewhere. "triton"
-forces the kernels everywhere, which on CPU only works under the Triton
-interpreter (TRITON_INTERPRET=1) and is how CI checks that both paths agree.
+"auto" runs Triton on CUDA tensors; on the CPU it runs the native kernels of
+`kiln.kernels.cpu_native` where one exists and could be built (decode
+attention), the torch references elsewhere. "torch" runs the references
+everywhere. "triton" forces the Triton kernels everywhere, which on CPU only
+works under the Triton interpreter (TRITON_INTERPRET=1) and is how CI checks
+that both paths agree.
 """
 from __future__ import annotations
 

@@ -1,0 +1,75 @@
+"""The native CPU kernels (kiln/kernels/csrc) against the torch references, and their fallback."""
+import os
+
+import pytest
+import torch
+
+from kiln.kernels import attention, attention_cpu, backend, cpu_native
+from kiln.kernels.attention import paged_attention, paged_attention_ref
+from tests.kernels.test_kernels import _to_cpu, make_batch, naive_attention, rel_err
+
+pytestmark = pytest.mark.skipif(cpu_native.load("attention_cpu") is None, reason="no C compiler here")
+
+CASES = [
+    # (q lens, cached context lens, query heads, kv heads, head dim, block size)
+    ([1] * 6, [5, 40, 130, 0, 15, 16], 9, 3, 64, 16),  # SmolLM2's heads; block edges; a first token
+    ([1, 1], [700, 3], 8, 8, 128, 16),                 # MHA, head dim 128
+    ([1, 7, 20], [70, 0, 33], 8, 1, 64, 4),            # GQA 8, decodes + prompt chunks (several rows each)
+    ([3, 1, 5], [9, 2, 0], 6, 2, 40, 8),               # head dim 40: the generic (not unrolled) path
+]
+
+
+@pytest.mark.parametrize("q_lens, ctx, hq, hkv, d, page", CASES)
+def test_native_attention_matches_reference(q_lens, ctx, hq, hkv, d, page):
+    """Every row, decode or prompt chunk, against the float64 oracle; q read through a strided view."""
+    q, kc, vc, meta = make_batch(q_lens, ctx, hq, hkv, d, page, torch.float32, 0)
+    q, kc, vc, meta = q.cpu(), kc.cpu(), vc.cpu(), _to_cpu(meta)
+    wide = torch.randn(q.shape[0], hq + 2, d)  # q as a column slice of a wider tensor, as the QKV split gives
+    wide[:, :hq] = q
+    out = torch.full_like(q, float("nan"))
+    attention_cpu.paged_attention(out, wide[:, :hq], kc, vc, meta.query_start_loc, meta.seq_lens,
+                                  meta.block_tables, d ** -0.5)
+    assert rel_err(out, naive_attention(q, kc, vc, meta, d ** -0.5)) < 1e-6
+
+
+def test_dispatcher_sends_decodes_to_the_native_kernel():
+    """Under "auto" a CPU step's decodes go native and its prompt chunks through SDPA; "torch" is all SDPA."""
+    q, kc, vc, meta = make_batch([1, 1, 1, 12, 5], [30, 200, 7, 0, 40], 9, 3, 64, 16, torch.float32, 1)
+    q, kc, vc, meta = q.cpu(), kc.cpu(), vc.cpu(), _to_cpu(meta)
+    want = naive_attention(q, kc, vc, meta, 0.125)
+    assert attention._native_cpu(q, kc, meta)
+    got = paged_attention(q, kc, vc, meta, 0.125)
+    assert ("ref_plan_prompts", 16) in meta.cache and ("ref_plan", 16) not in meta.cache
+    assert rel_err(got, want) < 1e-6
+    with backend.use("torch"):
+        assert not attention._native_cpu(q, kc, meta)
+        assert rel_err(paged_attention(q, kc, vc, meta, 0.125), want) < 1e-6
+    assert not attention_cpu.supported(q.half(), kc.half())  # fp16 / fp8 caches: the reference
+
+
+def test_padding_row_gives_zeros():
+    q, kc, vc, meta = make_batch([1, 1], [20, 0], 4, 2, 64, 16, torch.float32, 3)
+    q, kc, vc, meta = q.cpu(), kc.cpu(), vc.cpu(), _to_cpu(meta)
+    lens = meta.seq_lens.clone()
+    lens[1] = 0
+    out = torch.full_like(q, float("nan"))
+    attention_cpu.paged_attention(out, q, kc, vc, meta.query_start_loc, lens, meta.block_tables, 0.125)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and not out[0].isnan().any()
+
+
+def test_build_is_cached_and_failure_falls_back(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("KILN_CPU_KERNEL_CACHE", str(tmp_path))
+    assert cpu_native.load.__wrapped__("attention_cpu") is not None
+    built = os.listdir(tmp_path)
+    assert len(built) == 1 and built[0].startswith("attention_cpu-") and built[0].endswith(".so")
+    mtime = os.path.getmtime(tmp_path / built[0])
+    assert cpu_native.load.__wrapped__("attention_cpu") is not None  # found, not rebuilt
+    assert os.path.getmtime(tmp_path / built[0]) == mtime
+    # A compiler that fails: a warning, no library, and the dispatchers use the reference.
+    monkeypatch.setenv("KILN_CPU_KERNEL_CACHE", str(tmp_path / "other"))
+    monkeypatch.setenv("CC", "false")
+    with caplog.at_level("WARNING", logger="kiln.kernels"):
+        assert cpu_native.load.__wrapped__("attention_cpu") is None
+    assert "torch reference" in caplog.text
+    monkeypatch.setenv("KILN_CPU_NATIVE", "0")
+    assert cpu_native.load.__wrapped__("attention_cpu") is None
