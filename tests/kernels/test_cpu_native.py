@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from kiln.kernels import attention, attention_cpu, backend, cpu_native
+from kiln.kernels import attention, attention_cpu, backend, cpu_native, linear_cpu
 from kiln.kernels.attention import paged_attention, paged_attention_ref
 from tests.kernels.test_kernels import _to_cpu, make_batch, naive_attention, rel_err
 
@@ -73,3 +73,26 @@ def test_build_is_cached_and_failure_falls_back(tmp_path, monkeypatch, caplog):
     assert "torch reference" in caplog.text
     monkeypatch.setenv("KILN_CPU_NATIVE", "0")
     assert cpu_native.load.__wrapped__("attention_cpu") is None
+
+
+@pytest.mark.parametrize("m", [1, 5, 6, 7, 13, 48, 100])
+@pytest.mark.parametrize("n, k, bias", [(16, 3, False), (48, 96, True), (960, 576, False)])
+def test_native_linear_matches_torch(m, n, k, bias):
+    """Every row count's register blocking (chunks of 6, row blocks of 48); x as a strided view."""
+    g = torch.Generator().manual_seed(m * n)
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    x = torch.randn(m, k + 5, generator=g)[:, 2:k + 2]
+    panels = linear_cpu.pack(w)
+    assert panels.shape == (n // 16, k, 16)
+    got = linear_cpu.linear(x, panels, b)
+    assert rel_err(got, torch.nn.functional.linear(x.double(), w.double(), b.double() if bias else None)) < 1e-6
+    got3 = linear_cpu.linear(x.reshape(1, m, k), panels, b)
+    assert got3.shape == (1, m, n) and torch.equal(got3[0], got)
+
+
+def test_native_linear_declines_what_it_cannot_take():
+    assert linear_cpu.pack(torch.randn(40, 8)) is None  # N not a multiple of 16
+    assert linear_cpu.pack(torch.randn(32, 8, dtype=torch.float16)) is None
+    with pytest.raises(ValueError, match="features"):
+        linear_cpu.linear(torch.randn(2, 7), linear_cpu.pack(torch.randn(32, 8)))
