@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kiln.kernels import backend
+from kiln.kernels import backend, ops_cpu
 from kiln.kernels.quant import Fp8Activation, fp8_activation_ref
 
 
@@ -19,5 +19,7 @@ def silu_and_mul(x: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Activa
     if backend.use_triton(x) and (x.is_cuda or not fp8):  # (the interpreter's e4m3 cast is wrong)
         from kiln.kernels import activation_triton
         return activation_triton.silu_and_mul(x, fp8)
+    if not fp8 and ops_cpu.usable(x, 16) and x.dim() == 2:
+        return ops_cpu.silu_and_mul(x)
     y = silu_and_mul_ref(x)
     return fp8_activation_ref(y) if fp8 else y

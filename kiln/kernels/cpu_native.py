@@ -81,8 +81,10 @@ def load(name: str) -> ctypes.CDLL | None:
         log.warning("no C compiler (cc) found: CPU attention runs the slower torch reference")
         return None
     src = os.path.join(_SRC_DIR, name + ".c")
-    with open(src, "rb") as f:
-        code = f.read()
+    code = b""
+    for path in [src] + sorted(os.path.join(_SRC_DIR, h) for h in os.listdir(_SRC_DIR) if h.endswith(".h")):
+        with open(path, "rb") as f:
+            code += f.read()
     compiler = _compiler_id(cc)
     errors = []
     # Without OpenMP (e.g. clang with no libomp) the kernels run on one thread, still well ahead.

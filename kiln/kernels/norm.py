@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.kernels import backend
+from kiln.kernels import backend, ops_cpu
 from kiln.kernels.quant import Fp8Activation, fp8_activation_ref
 
 
@@ -25,6 +25,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if backend.use_triton(x) and (x.is_cuda or not fp8):  # (the interpreter's e4m3 cast is wrong)
         from kiln.kernels import norm_triton
         return norm_triton.rms_norm(x, weight, eps, fp8)
+    if not fp8 and ops_cpu.usable(x) and x.dim() == 2 and weight.dtype == torch.float32:
+        return ops_cpu.rms_norm(x, weight, eps)
     y = rms_norm_ref(x, weight, eps)
     return fp8_activation_ref(y) if fp8 else y
 
@@ -35,5 +37,8 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     if backend.use_triton(x) and (x.is_cuda or not fp8):
         from kiln.kernels import norm_triton
         return norm_triton.fused_add_rms_norm(x, residual, weight, eps, fp8)
+    if not fp8 and ops_cpu.usable(x) and x.dim() == 2 and residual.dtype == torch.float32 \
+            and residual.is_contiguous() and weight.dtype == torch.float32:
+        return ops_cpu.rms_norm(x, weight, eps, residual), residual
     y, residual = fused_add_rms_norm_ref(x, residual, weight, eps)
     return (fp8_activation_ref(y) if fp8 else y), residual

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from kiln.kernels import backend
+from kiln.kernels import backend, ops_cpu
 from kiln.kernels.attention import write_kv_ref
 from kiln.kernels.quant import FP8
 
@@ -131,5 +131,8 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
         from kiln.kernels import rope_triton
         return rope_triton.rope_and_cache(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping,
                                           k_scale, v_scale, k_smooth)
+    if k_cache.dtype == torch.float32 and ops_cpu.usable(q, 16) and cos_sin.dtype == torch.float32 \
+            and all(t.stride(1) == t.shape[2] and t.stride(2) == 1 for t in (q, k, v)):
+        return ops_cpu.rope_and_cache(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
     return rope_and_cache_ref(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, k_scale, v_scale,
                               k_smooth)

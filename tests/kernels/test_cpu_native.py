@@ -96,3 +96,44 @@ def test_native_linear_declines_what_it_cannot_take():
     assert linear_cpu.pack(torch.randn(32, 8, dtype=torch.float16)) is None
     with pytest.raises(ValueError, match="features"):
         linear_cpu.linear(torch.randn(2, 7), linear_cpu.pack(torch.randn(32, 8)))
+
+
+def test_native_norms_activation_rope_match_references():
+    from kiln.kernels import ops_cpu
+    from kiln.kernels.activation import silu_and_mul_ref
+    from kiln.kernels.norm import fused_add_rms_norm_ref, rms_norm_ref
+    from kiln.kernels.rope import apply_rope_ref, rope_cos_sin
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 70, generator=g)[:, 3:67]  # rows 70 apart
+    w = torch.randn(64, generator=g)
+    assert ops_cpu.usable(x)
+    assert rel_err(ops_cpu.rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5)) < 1e-6
+    res, res_ref = torch.randn(37, 64, generator=g), None
+    res_ref = res.clone()
+    got = ops_cpu.rms_norm(x, w, 1e-6, res)
+    want, _ = fused_add_rms_norm_ref(x, res_ref, w, 1e-6)
+    assert rel_err(res, res_ref) < 1e-7 and rel_err(got, want) < 1e-6
+
+    gu = torch.randn(9, 2 * 48, generator=g) * 6  # gates far into both tails of the sigmoid
+    gu[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -87.5])
+    assert rel_err(ops_cpu.silu_and_mul(gu), silu_and_mul_ref(gu)) < 1e-6
+
+    T, hq, hk, d = 11, 6, 2, 32
+    qkv = torch.randn(T, (hq + 2 * hk) * d, generator=g)
+    q, k, v = (t.view(T, -1, d) for t in qkv.split([hq * d, hk * d, hk * d], dim=-1))
+    pos = torch.randint(0, 500, (T,), generator=g)
+    cos_sin = rope_cos_sin(d, 512, 10000.0, None)
+    kc, vc = torch.zeros(40, 4, hk, d), torch.zeros(40, 4, hk, d)
+    slots = torch.randperm(160, generator=g)[:T]
+    want_q, want_k = apply_rope_ref(q, pos, cos_sin), apply_rope_ref(k, pos, cos_sin)
+    want_v = v.clone()
+    ops_cpu.rope_and_cache(q, k, v, pos, cos_sin, kc, vc, slots)
+    assert rel_err(q, want_q) < 1e-6 and rel_err(k, want_k) < 1e-6
+    assert torch.equal(kc.view(-1, hk, d)[slots], k) and torch.equal(vc.view(-1, hk, d)[slots], want_v)
+    untouched = torch.ones(160, dtype=torch.bool)
+    untouched[slots] = False
+    assert not kc.view(-1, hk, d)[untouched].any()
+    with backend.use("torch"):
+        assert not ops_cpu.usable(x)
+    assert not ops_cpu.usable(x.double()) and not ops_cpu.usable(torch.randn(3, 12))
