@@ -19,9 +19,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("threads", [1, 4])
 @pytest.mark.parametrize("q_lens, ctx, hq, hkv, d, page", CASES)
-def test_native_attention_matches_reference(q_lens, ctx, hq, hkv, d, page):
-    """Every row, decode or prompt chunk, against the float64 oracle; q read through a strided view."""
+def test_native_attention_matches_reference(q_lens, ctx, hq, hkv, d, page, threads, monkeypatch):
+    """Every row, decode or prompt chunk, against the float64 oracle; q read through a strided view.
+    One thread takes each row's KV heads together, four split them while rows are few."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     q, kc, vc, meta = make_batch(q_lens, ctx, hq, hkv, d, page, torch.float32, 0)
     q, kc, vc, meta = q.cpu(), kc.cpu(), vc.cpu(), _to_cpu(meta)
     wide = torch.randn(q.shape[0], hq + 2, d)  # q as a column slice of a wider tensor, as the QKV split gives
