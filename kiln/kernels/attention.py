@@ -136,13 +136,13 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: _G
     return out.reshape(g.B, Hq, d) if g.max_q == 1 else out[g.seq_idx, g.row_in_seq]
 
 
-def _ref_plan(meta: AttentionMetadata, block_size: int, decodes: bool = True) -> list[_Group]:
-    """The step's padded groups (made once, shared by all layers); without the decodes if not `decodes`."""
-    key = ("ref_plan", block_size) if decodes else ("ref_plan_prompts", block_size)
+def _ref_plan(meta: AttentionMetadata, block_size: int) -> list[_Group]:
+    """The step's padded groups, made once and shared by all layers."""
+    key = ("ref_plan", block_size)
     plan = meta.cache.get(key)
     if plan is None:
         nd, B = meta.num_decodes, meta.num_seqs
-        plan = meta.cache[key] = (_plan_decodes(meta, block_size) if nd and decodes else []) + \
+        plan = meta.cache[key] = (_plan_decodes(meta, block_size) if nd else []) + \
             ([_plan_group(meta, nd, B, block_size)] if nd < B else [])
     return plan
 
@@ -162,22 +162,46 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out
 
 
+def _prompt_plan(meta: AttentionMetadata, block_size: int) -> list[tuple]:
+    """Per prompt chunk (rows, its cache blocks, keys, mask or None for plain causal); once per step."""
+    key = ("cpu_prompts", block_size)
+    plan = meta.cache.get(key)
+    if plan is None:
+        qsl, lens = meta.query_start_loc.tolist(), meta.seq_lens.tolist()
+        plan = meta.cache[key] = []
+        for b in range(meta.num_decodes, meta.num_seqs):
+            r0, r1, n_keys = qsl[b], qsl[b + 1], lens[b]
+            ctx = n_keys - (r1 - r0)
+            mask = None if ctx == 0 else \
+                torch.arange(n_keys)[None, :] <= ctx + torch.arange(r1 - r0)[:, None]
+            blocks = meta.block_tables[b, :-(-n_keys // block_size)].long()
+            plan.append((slice(r0, r1), blocks, n_keys, mask))
+    return plan
+
+
 def _paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Decodes through the native CPU kernel, prompt chunks through the reference's SDPA."""
+    """Decodes through the native CPU kernel; each prompt chunk through SDPA on its own (GEMM tiles
+    suit its many rows; alone, it is not padded to the longest chunk of the step)."""
     from kiln.kernels import attention_cpu
 
     nd = meta.num_decodes
     out = torch.empty(q.shape, dtype=q.dtype)
-    attention_cpu.paged_attention(out[:nd], q[:nd], k_cache, v_cache, meta.query_start_loc[:nd + 1],
-                                  meta.seq_lens[:nd], meta.block_tables[:nd], scale)
-    for g in _ref_plan(meta, k_cache.shape[1], decodes=False):
-        out[g.rows] = _attend(q[g.rows], k_cache, v_cache, g, scale, 1.0, 1.0)
+    if nd:
+        attention_cpu.paged_attention(out[:nd], q[:nd], k_cache, v_cache, meta.query_start_loc[:nd + 1],
+                                      meta.seq_lens[:nd], meta.block_tables[:nd], scale)
+    _, _, h, d = k_cache.shape
+    for rows, blocks, n_keys, mask in _prompt_plan(meta, k_cache.shape[1]):
+        k = k_cache.index_select(0, blocks).view(-1, h, d)[:n_keys].transpose(0, 1)
+        v = v_cache.index_select(0, blocks).view(-1, h, d)[:n_keys].transpose(0, 1)
+        o = F.scaled_dot_product_attention(q[rows].transpose(0, 1), k, v, attn_mask=mask, is_causal=mask is None,
+                                           scale=scale, enable_gqa=q.shape[1] != h)
+        out[rows] = o.transpose(0, 1)
     return out
 
 
 def _native_cpu(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata) -> bool:
-    if backend.get_backend() != "auto" or q.is_cuda or not meta.num_decodes:
+    if backend.get_backend() != "auto" or q.is_cuda:
         return False
     from kiln.kernels import attention_cpu
     return attention_cpu.supported(q, k_cache)
