@@ -1,6 +1,7 @@
 """Decode step time at small batch sizes, per set of small decode CUDA graphs (GPU).
 
     python benchmarks/decode_batch.py --quant int4-awq --batches 4 5 6 8 --ladders 1,2,4,8 1,2,4,6,8
+    python benchmarks/decode_batch.py --batches 1 2 3 4 5 6 8 --int4-gemv-max-m 6 3 --name decode-batch-h100-int4-gemv-limit
 
 Random weights of a preset shape, drawn directly in the quantized format. For each ladder
 (kiln.workers.engine.SMALL_DECODE_GRAPHS: a batch runs in the smallest captured graph that holds
@@ -52,17 +53,24 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=129)
     ap.add_argument("--name", default=None)
+    ap.add_argument("--int4-gemv-max-m", type=int, nargs="+", default=None,
+                    help="rows up to which int4 runs its GEMV instead of its GEMM, one run per value "
+                         "(default: kiln.kernels.int4_gemv_triton.INT4_GEMV_MAX_M)")
     args = ap.parse_args()
 
     import torch
 
     from benchmarks.common import write_result
     from kiln import LLM
+    from kiln.kernels import int4_gemv_triton
     from kiln.workers import engine
 
+    limits = args.int4_gemv_max_m or [int4_gemv_triton.INT4_GEMV_MAX_M]
     figures = {"model": args.model, "quant": args.quant, "prompt_tokens": args.prompt, "decode_tokens": args.tokens,
                "ladders": {}}
-    for ladder in args.ladders:
+    for limit, ladder in ((m, lad) for m in limits for lad in args.ladders):
+        int4_gemv_triton.INT4_GEMV_MAX_M = limit
+        key = ladder if len(limits) == 1 else f"{ladder}, int4 GEMV <= {limit} rows"
         engine.SMALL_DECODE_GRAPHS = tuple(int(x) for x in ladder.split(","))
         llm = LLM(args.model, random_weights=True, quant=args.quant, max_model_len=4096)
         eng = llm.executor.engine
@@ -72,9 +80,9 @@ def main() -> None:
         for n in args.batches:
             rows[str(n)] = {"ms_per_step": round(step_ms(llm, n, args.prompt, args.tokens, vocab), 4),
                             "graph": eng._graph_size(n) if eng.graphs else None}
-            print(f"ladder {ladder:12s} batch {n:3d}  graph {rows[str(n)]['graph']}  "
+            print(f"{key:30s} batch {n:3d}  graph {rows[str(n)]['graph']}  "
                   f"{rows[str(n)]['ms_per_step']:.3f} ms/step", flush=True)
-        figures["ladders"][ladder] = rows
+        figures["ladders"][key] = rows
         llm.shutdown()
         del llm, eng
         torch.cuda.empty_cache()

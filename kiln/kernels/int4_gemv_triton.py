@@ -26,12 +26,12 @@ from kiln.kernels.pdl_triton import pdl_wait
 from kiln.kernels.rope_triton import rotate
 
 # One program per row of x and weight tile, reading the tile from L2 for all rows but one. Each
-# row past the first adds ~0.034 ms per Llama-8B layer on the H100; up to 6 rows that beat the
-# previous int4 tensor-core kernel (4 rows: 0.144 against 0.213 ms, 6: 0.212 against 0.229; 7:
-# 0.246 against 0.237 ms: benchmarks/quant_gemm.py --int4-gemv-rows 8, quant-gemm-h100.json).
-# int4_gemm_triton, which replaced that kernel, takes 0.111 ms at 8 rows (quant-gemm-int4-h100.json),
-# less than this GEMV at 4, so this limit is due a re-measurement (decode_batch.py --batches 3 4 5 6).
-INT4_GEMV_MAX_M = 6
+# row past the first adds ~0.034 ms per Llama-8B layer on the H100 (quant-gemm-h100.json), so
+# from 4 rows the int4 GEMM (int4_gemm_triton, 0.111 ms at up to 8) is faster even without this
+# GEMV's fused SwiGLU / RoPE epilogues. Llama-8B decode steps on the H100 (decode_batch.py
+# --int4-gemv-max-m, decode-batch-h100-int4-gemv-limit.json): the GEMV wins at 1 and 2 rows,
+# the GEMM from 4; at 3 rows the two kernels' per-layer times are equal and the epilogues decide.
+INT4_GEMV_MAX_M = 3
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU (benchmarks/quant_gemm.py --sweep, H100);
 # BLOCK_K = 1024 * num_warps gives each thread 4 words (one 16-byte load) of every row.
 TILES = (4, 2048, 2, 1)

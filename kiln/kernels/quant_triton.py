@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels import backend, int4_gemm_triton, int4_gemv_triton
-from kiln.kernels.int4_gemv_triton import INT4_GEMV_MAX_M, check_group
+from kiln.kernels.int4_gemv_triton import check_group
 from kiln.kernels.pdl_triton import pdl_wait
 
 
@@ -211,7 +211,7 @@ def woq_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: tor
     M = x.shape[0]
     if bits == 4:
         check_group(group)
-        if M <= INT4_GEMV_MAX_M:
+        if M <= int4_gemv_triton.INT4_GEMV_MAX_M:
             return gemv(x, w, scales, mins, bits, group)
         if M <= int4_gemm_triton.INT4_GEMM_MAX_M and x.dtype != torch.float32:
             return int4_gemm_triton.int4_gemm(x, w, scales, mins, group)
