@@ -162,42 +162,13 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out
 
 
-def _prompt_plan(meta: AttentionMetadata, block_size: int) -> list[tuple]:
-    """Per prompt chunk (rows, its cache blocks, keys, mask or None for plain causal); once per step."""
-    key = ("cpu_prompts", block_size)
-    plan = meta.cache.get(key)
-    if plan is None:
-        qsl, lens = meta.query_start_loc.tolist(), meta.seq_lens.tolist()
-        plan = meta.cache[key] = []
-        for b in range(meta.num_decodes, meta.num_seqs):
-            r0, r1, n_keys = qsl[b], qsl[b + 1], lens[b]
-            ctx = n_keys - (r1 - r0)
-            mask = None if ctx == 0 else \
-                torch.arange(n_keys)[None, :] <= ctx + torch.arange(r1 - r0)[:, None]
-            blocks = meta.block_tables[b, :-(-n_keys // block_size)].long()
-            plan.append((slice(r0, r1), blocks, n_keys, mask))
-    return plan
-
-
 def _paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Decodes through the native CPU kernel; each prompt chunk through SDPA on its own (GEMM tiles
-    suit its many rows; alone, it is not padded to the longest chunk of the step)."""
     from kiln.kernels import attention_cpu
 
-    nd = meta.num_decodes
     out = torch.empty(q.shape, dtype=q.dtype)
-    if nd:
-        attention_cpu.paged_attention(out[:nd], q[:nd], k_cache, v_cache, meta.query_start_loc[:nd + 1],
-                                      meta.seq_lens[:nd], meta.block_tables[:nd], scale)
-    _, _, h, d = k_cache.shape
-    for rows, blocks, n_keys, mask in _prompt_plan(meta, k_cache.shape[1]):
-        k = k_cache.index_select(0, blocks).view(-1, h, d)[:n_keys].transpose(0, 1)
-        v = v_cache.index_select(0, blocks).view(-1, h, d)[:n_keys].transpose(0, 1)
-        o = F.scaled_dot_product_attention(q[rows].transpose(0, 1), k, v, attn_mask=mask, is_causal=mask is None,
-                                           scale=scale, enable_gqa=q.shape[1] != h)
-        out[rows] = o.transpose(0, 1)
-    return out
+    return attention_cpu.paged_attention(out, q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
+                                         meta.block_tables, scale)
 
 
 def _native_cpu(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata) -> bool:

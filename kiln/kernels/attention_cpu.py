@@ -1,9 +1,10 @@
 """Paged attention on the CPU through the native kernel in csrc/attention_cpu.c.
 
-Same contract as `kiln.kernels.attention.paged_attention_ref` for the rows it is
-given; the dispatcher sends it the decodes (one query row each), where reading
-the KV is the whole cost. Prompt chunks stay on the reference's SDPA, whose
-GEMM tiles suit many query rows (the native kernel attends row by row).
+Same contract as `kiln.kernels.attention.paged_attention_ref`. Decodes are
+bound by reading the KV, which the kernel does once. Prompt chunks it takes
+row by row too, and still beats SDPA's CPU kernel, padded or called per
+sequence: one 2048-token prompt (SmolLM2's heads, 2 cores) 159 against 415 ms
+per layer, 32 prompts of 16-256 tokens 28 against 57 (throwaway measurements).
 """
 from __future__ import annotations
 
@@ -29,9 +30,8 @@ def _kernel():
 
 def supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether the native kernel takes these tensors (fp32 on the CPU, head size a multiple of 8)."""
-    return (q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype == torch.float32
-            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and q.shape[1] // k_cache.shape[2] <= 16
-            and _kernel() is not None)
+    return (q.dtype == torch.float32 and k_cache.dtype == torch.float32 and q.device.type == "cpu"
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and _kernel() is not None)
 
 
 def paged_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

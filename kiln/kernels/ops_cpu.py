@@ -9,6 +9,7 @@ it and otherwise run the references.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -33,11 +34,16 @@ def _fn(name: str):
     return fn
 
 
+@functools.cache
+def _built() -> bool:
+    return cpu_native.load("ops_cpu") is not None
+
+
 def usable(x: torch.Tensor, multiple: int = 8) -> bool:
     """x is an fp32 CPU tensor with unit stride in its last dim (a multiple of `multiple`), the
     backend is "auto", and the kernels could be built."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[-1] % multiple == 0
-            and x.stride(-1) == 1 and backend.get_backend() == "auto" and _fn("kiln_rms_norm_f32") is not None)
+    return (x.dtype == torch.float32 and not x.is_cuda and x.shape[-1] % multiple == 0 and x.stride(-1) == 1
+            and backend.get_backend() == "auto" and x.device.type == "cpu" and _built())
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
