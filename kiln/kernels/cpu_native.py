@@ -54,20 +54,21 @@ def _compiler_id(cc: str) -> str:
 
 
 def _build(cc: str, src: str, flags: list[str], out: str) -> str | None:
-    """Compile `src` into `out` (atomically); None on success, else the compiler's complaint."""
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(out))
-    os.close(fd)
+    """Compile `src` into `out` (atomically); None on success, else what went wrong."""
+    tmp = None
     try:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(out))
+        os.close(fd)
         r = subprocess.run([cc, *flags, "-o", tmp, src, "-lm"], capture_output=True, text=True, timeout=120)
         if r.returncode:
-            return (r.stderr or r.stdout).strip()[-2000:]
+            return (r.stderr or r.stdout).strip()[-2000:] or f"{cc} exited with {r.returncode}"
         os.replace(tmp, out)  # concurrent builders (e.g. Ray workers) each write whole files
         return None
-    except (OSError, subprocess.SubprocessError) as e:
+    except (OSError, subprocess.SubprocessError) as e:  # no compiler, a read-only cache directory, ...
         return str(e)
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 

@@ -75,6 +75,11 @@ def test_build_is_cached_and_failure_falls_back(tmp_path, monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="kiln.kernels"):
         assert cpu_native.load.__wrapped__("attention_cpu") is None
     assert "torch reference" in caplog.text
+    # A cache directory that cannot be made: the same.
+    monkeypatch.delenv("CC")
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("KILN_CPU_KERNEL_CACHE", str(tmp_path / "a-file" / "cache"))
+    assert cpu_native.load.__wrapped__("attention_cpu") is None
     monkeypatch.setenv("KILN_CPU_NATIVE", "0")
     assert cpu_native.load.__wrapped__("attention_cpu") is None
 
