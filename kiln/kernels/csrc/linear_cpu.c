@@ -10,17 +10,8 @@
  * prompt-sized M runs at the FMA units' speed too.
  */
 #include <stdint.h>
-#include <string.h>
 
-typedef float v8 __attribute__((vector_size(32)));
-
-static inline __attribute__((always_inline)) v8 load8(const float *p) {
-    v8 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline __attribute__((always_inline)) void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
+#include "simd.h"
 
 #ifndef PREFETCH_LINES
 #define PREFETCH_LINES 64
