@@ -6,15 +6,18 @@ exactly the tokens asked for. HF runs them as one left-padded static batch
 (its fastest mode): it must keep going until the longest output is done, so
 it is credited only with the tokens each request asked for. A second
 workload gives every request the same output length, to compare the engines
-with no scheduling advantage.
+with no scheduling advantage. With --repeats N the two alternate N times (a
+shared machine's speed drifts by tens of percent over minutes); the figures
+are the medians, and the speedup's spread over the pairs is recorded.
 
-    python benchmarks/cpu_throughput.py
+    python benchmarks/cpu_throughput.py --repeats 2
 """
 from __future__ import annotations
 
 import argparse
 import os
 import random
+import statistics
 import sys
 import time
 
@@ -64,6 +67,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--repeats", type=int, default=1, help="kiln / HF pairs per workload")
     args = ap.parse_args()
 
     from kiln import LLM
@@ -84,12 +88,22 @@ def main() -> None:
         tokens = sum(outs)
         warm, _ = workload(4, args.seed + 1, 8, vocab)  # other prompts: no prefix-cache head start
         run_kiln(llm, warm, [8] * 4)
-        k = run_kiln(llm, prompts, outs)
+        ks, hs = [], []
+        for i in range(args.repeats):
+            # Each pair's prompts differ in their first token: no prefix-cache hits on a repeat.
+            run = [[100 + (p[0] - 100 + i) % (vocab - 100)] + p[1:] for p in prompts]
+            ks.append(run_kiln(llm, run, outs))
+            if hf is not None:
+                hs.append(run_hf(hf, run, outs, pad_id=2))
+        k = statistics.median(ks)
         row = {"requests": args.requests, "output_tokens": tokens, "prompt_tokens": sum(map(len, prompts)),
                "kiln_seconds": round(k, 2), "kiln_output_tok_s": round(tokens / k, 1)}
         if hf is not None:
-            h = run_hf(hf, prompts, outs, pad_id=2)
+            h = statistics.median(hs)
             row.update(hf_seconds=round(h, 2), hf_output_tok_s=round(tokens / h, 1), speedup=round(h / k, 2))
+        if args.repeats > 1:
+            row.update(kiln_seconds_each=[round(x, 2) for x in ks], hf_seconds_each=[round(x, 2) for x in hs],
+                       speedup_each_pair=[round(h_ / k_, 2) for k_, h_ in zip(ks, hs)])
         figures[name] = row
         print(name, row, flush=True)
     import transformers
