@@ -146,3 +146,17 @@ def test_native_norms_activation_rope_match_references():
     with backend.use("torch"):
         assert not ops_cpu.usable(x)
     assert not ops_cpu.usable(x.double()) and not ops_cpu.usable(torch.randn(3, 12))
+
+
+def test_sources_ship_in_the_package():
+    """Every C source and header is package data: a wheel install compiles the same kernels."""
+    import fnmatch
+    import pathlib
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["kiln"]
+    sources = os.listdir(root / "kiln" / "kernels" / "csrc")
+    assert {"simd.h", "attention_cpu.c", "linear_cpu.c", "ops_cpu.c"} <= set(sources)
+    for name in sources:
+        assert any(fnmatch.fnmatch(f"kernels/csrc/{name}", g) for g in globs), name
