@@ -162,16 +162,7 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out
 
 
-def _paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    from kiln.kernels import attention_cpu
-
-    out = torch.empty(q.shape, dtype=q.dtype)
-    return attention_cpu.paged_attention(out, q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
-                                         meta.block_tables, scale)
-
-
-def _native_cpu(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata) -> bool:
+def _native_cpu(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     if backend.get_backend() != "auto" or q.is_cuda:
         return False
     from kiln.kernels import attention_cpu
@@ -184,6 +175,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if backend.use_triton(q):
         from kiln.kernels import attention_triton
         return attention_triton.paged_attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale)
-    if _native_cpu(q, k_cache, meta):
-        return _paged_attention_cpu(q, k_cache, v_cache, meta, scale)
+    if _native_cpu(q, k_cache):
+        from kiln.kernels import attention_cpu
+        return attention_cpu.paged_attention(torch.empty(q.shape, dtype=q.dtype), q, k_cache, v_cache,
+                                             meta.query_start_loc, meta.seq_lens, meta.block_tables, scale)
     return paged_attention_ref(q, k_cache, v_cache, meta, scale, k_scale, v_scale)

@@ -8,24 +8,15 @@ per layer, 32 prompts of 16-256 tokens 28 against 57 (throwaway measurements).
 """
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
 from kiln.kernels import cpu_native
-
-_P, _I = ctypes.c_void_p, ctypes.c_int64
+from kiln.kernels.cpu_native import F32, I64, INT, PTR
 
 
 def _kernel():
-    lib = cpu_native.load("attention_cpu")
-    if lib is None:
-        return None
-    fn = lib.kiln_paged_attention_f32
-    if fn.argtypes is None:
-        fn.restype = ctypes.c_int
-        fn.argtypes = [_P, _P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, ctypes.c_float, ctypes.c_int]
-    return fn
+    return cpu_native.function("attention_cpu", "kiln_paged_attention_f32",
+                               (PTR, PTR, I64, PTR, PTR, PTR, PTR, PTR, I64, I64, I64, I64, I64, I64, F32, INT), INT)
 
 
 def supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:

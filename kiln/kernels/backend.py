@@ -1,8 +1,8 @@
 """Which implementation the dispatchers pick: Triton kernels or torch references.
 
 "auto" runs Triton on CUDA tensors; on the CPU it runs the native kernels of
-`kiln.kernels.cpu_native` where one exists and could be built (decode
-attention), the torch references elsewhere. "torch" runs the references
+`kiln.kernels.cpu_native` where one exists and could be built (attention,
+dense fp32 linears, norms, SwiGLU, RoPE), the torch references elsewhere. "torch" runs the references
 everywhere. "triton" forces the Triton kernels everywhere, which on CPU only
 works under the Triton interpreter (TRITON_INTERPRET=1) and is how CI checks
 that both paths agree.

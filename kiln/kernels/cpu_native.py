@@ -1,8 +1,9 @@
 """Native CPU kernels: C sources in `kiln/kernels/csrc/`, compiled on first use.
 
-Where the torch reference of a kernel is far from the CPU's limits (decode
-attention reads the KV three times through a gather and SDPA's tiling for long
-queries), a few lines of C that read each byte once do better. They are built
+Where the torch references are far from the CPU's limits (attention reads the
+KV three times through a gather and SDPA; a small-batch linear streams its
+weights at half the memory's speed through oneDNN; a norm is five passes), a
+few lines of C that read each byte once do better. They are built
 with the system C compiler (`cc`, or `$CC`) for this CPU (`-march=native`)
 into `~/.cache/kiln/cpu-kernels` (or `$KILN_CPU_KERNEL_CACHE`), named by a hash
 of the source, the flags, the compiler and the CPU, so a build happens once
@@ -26,6 +27,9 @@ import subprocess
 import tempfile
 
 log = logging.getLogger("kiln.kernels")
+
+# ctypes argument types of the kernels' C signatures
+PTR, I64, F32, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 
 _SRC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
@@ -79,7 +83,7 @@ def load(name: str) -> ctypes.CDLL | None:
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        log.warning("no C compiler (cc) found: CPU attention runs the slower torch reference")
+        log.warning("no C compiler (cc) found: the CPU runs the slower torch references")
         return None
     src = os.path.join(_SRC_DIR, name + ".c")
     code = b""
@@ -105,3 +109,14 @@ def load(name: str) -> ctypes.CDLL | None:
     log.warning("could not build the CPU kernel %s (%s); running the torch reference instead:\n%s",
                 name, cc, errors[-1] if errors else "")
     return None
+
+
+@functools.cache
+def function(name: str, symbol: str, argtypes: tuple, restype=None):
+    """`symbol` of the compiled `csrc/<name>.c` with its C signature, or None if it cannot be built."""
+    lib = load(name)
+    if lib is None:
+        return None
+    fn = getattr(lib, symbol)
+    fn.argtypes, fn.restype = list(argtypes), restype
+    return fn

@@ -10,25 +10,16 @@ benchmarks/results/cpu-throughput-smollm2.json).
 """
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
 from kiln.kernels import cpu_native
+from kiln.kernels.cpu_native import I64, INT, PTR
 
-_P, _I = ctypes.c_void_p, ctypes.c_int64
 PANEL = 16
 
 
 def _kernel():
-    lib = cpu_native.load("linear_cpu")
-    if lib is None:
-        return None
-    fn = lib.kiln_linear_f32
-    if fn.argtypes is None:
-        fn.restype = None
-        fn.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_int]
-    return fn
+    return cpu_native.function("linear_cpu", "kiln_linear_f32", (PTR, PTR, PTR, PTR, I64, I64, I64, I64, I64, INT))
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor | None:

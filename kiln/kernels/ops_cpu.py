@@ -8,30 +8,22 @@ it and otherwise run the references.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 
 import torch
 
 from kiln.kernels import backend, cpu_native
+from kiln.kernels.cpu_native import F32, I64, INT, PTR
 
-_P, _I, _F, _N = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
-    "kiln_rms_norm_f32": [_P, _P, _P, _P, _I, _I, _I, _F, _N],
-    "kiln_silu_and_mul_f32": [_P, _P, _I, _I, _I, _N],
-    "kiln_rope_and_cache_f32": [_P, _I, _P, _I, _P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I, _N],
+    "kiln_rms_norm_f32": (PTR, PTR, PTR, PTR, I64, I64, I64, F32, INT),
+    "kiln_silu_and_mul_f32": (PTR, PTR, I64, I64, I64, INT),
+    "kiln_rope_and_cache_f32": (PTR, I64, PTR, I64, PTR, I64, PTR, PTR, PTR, PTR, PTR, I64, I64, I64, I64, INT),
 }
 
 
 def _fn(name: str):
-    lib = cpu_native.load("ops_cpu")
-    if lib is None:
-        return None
-    fn = getattr(lib, name)
-    if fn.argtypes is None:
-        fn.restype = None
-        fn.argtypes = _SIGNATURES[name]
-    return fn
+    return cpu_native.function("ops_cpu", name, _SIGNATURES[name])
 
 
 @functools.cache
@@ -67,11 +59,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                    cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
-    """q [T, Hq, D], k and v [T, Hk, D] (heads D apart; rows anywhere), an fp32 cache."""
+    """q [T, Hq, D], k and v [T, Hk, D] (heads D apart, as the dispatcher checks; rows anywhere),
+    an fp32 cache."""
     T, Hq, D = q.shape
     Hk = k.shape[1]
-    for t in (q, k, v):
-        assert t.stride(2) == 1 and t.stride(1) == D
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and cos_sin.is_contiguous()
     pos = positions.to(torch.int64).contiguous()
     slots = slot_mapping.to(torch.int64).contiguous()

@@ -41,12 +41,12 @@ def test_dispatcher_sends_decodes_to_the_native_kernel():
     q, kc, vc, meta = make_batch([1, 1, 1, 12, 5], [30, 200, 7, 0, 40], 9, 3, 64, 16, torch.float32, 1)
     q, kc, vc, meta = q.cpu(), kc.cpu(), vc.cpu(), _to_cpu(meta)
     want = naive_attention(q, kc, vc, meta, 0.125)
-    assert attention._native_cpu(q, kc, meta)
+    assert attention._native_cpu(q, kc)
     got = paged_attention(q, kc, vc, meta, 0.125)
     assert ("ref_plan", 16) not in meta.cache
     assert rel_err(got, want) < 1e-6
     with backend.use("torch"):
-        assert not attention._native_cpu(q, kc, meta)
+        assert not attention._native_cpu(q, kc)
         assert rel_err(paged_attention(q, kc, vc, meta, 0.125), want) < 1e-6
     assert not attention_cpu.supported(q.half(), kc.half())  # fp16 / fp8 caches: the reference
 

@@ -31,6 +31,20 @@ static inline __attribute__((always_inline)) float dot(const float *a, const flo
     return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
+/* Head h0's first row in the block holding key l0. */
+static inline __attribute__((always_inline)) const float *block_row(
+        const float *cache, const int32_t *table, int64_t l0, int64_t BS, int64_t H, int64_t h0, int64_t D) {
+    return cache + ((int64_t)table[l0 / BS] * BS * H + h0) * D;
+}
+
+/* The next block is elsewhere in memory (NULL: none): fetch `width` floats of its row t (rows
+ * `stride` apart) while this block is worked on. */
+static inline __attribute__((always_inline)) void prefetch_row(const float *next, int64_t t, int64_t stride,
+                                                               int64_t width) {
+    if (next)
+        for (int64_t c = 0; c < width; c += 16) __builtin_prefetch(next + t * stride + c);
+}
+
 /* One query row's heads [h0, h1) (and their G query heads each) against keys [0, L). s: scratch
  * of (h1 - h0) * G * L floats. Inlined with D a constant for the common head sizes, so the row
  * loops unroll. Rows of the cache are read in order, all of the item's heads at once: a block is
@@ -46,12 +60,10 @@ static inline __attribute__((always_inline)) void attend_row_d(
     }
     for (int64_t l0 = 0; l0 < L; l0 += BS) {
         const int64_t n = L - l0 < BS ? L - l0 : BS;
-        const float *k = k_cache + ((int64_t)table[l0 / BS] * BS * H + h0) * D;
-        /* The next block is elsewhere in memory: fetch it while this one is worked on. */
-        const float *next = l0 + BS < L ? k_cache + ((int64_t)table[l0 / BS + 1] * BS * H + h0) * D : NULL;
+        const float *k = block_row(k_cache, table, l0, BS, H, h0, D);
+        const float *next = l0 + BS < L ? block_row(k_cache, table, l0 + BS, BS, H, h0, D) : NULL;
         for (int64_t t = 0; t < n; t++, k += H * D) {
-            if (next)
-                for (int64_t c = 0; c < NH / G * D; c += 16) __builtin_prefetch(next + t * H * D + c);
+            prefetch_row(next, t, H * D, (h1 - h0) * D);
             for (int64_t j = 0; j < NH; j++) s[j * L + l0 + t] = dot(q + j * D, k + (j / G) * D, D) * scale;
         }
     }
@@ -77,11 +89,10 @@ static inline __attribute__((always_inline)) void attend_row_d(
     for (int64_t i = 0; i < NH * D; i++) out[i] = 0.f;
     for (int64_t l0 = 0; l0 < L; l0 += BS) {
         const int64_t n = L - l0 < BS ? L - l0 : BS;
-        const float *v = v_cache + ((int64_t)table[l0 / BS] * BS * H + h0) * D;
-        const float *next = l0 + BS < L ? v_cache + ((int64_t)table[l0 / BS + 1] * BS * H + h0) * D : NULL;
+        const float *v = block_row(v_cache, table, l0, BS, H, h0, D);
+        const float *next = l0 + BS < L ? block_row(v_cache, table, l0 + BS, BS, H, h0, D) : NULL;
         for (int64_t t = 0; t < n; t++, v += H * D) {
-            if (next)
-                for (int64_t c = 0; c < NH / G * D; c += 16) __builtin_prefetch(next + t * H * D + c);
+            prefetch_row(next, t, H * D, (h1 - h0) * D);
             for (int64_t j = 0; j < NH; j++) {
                 const float p = s[j * L + l0 + t];
                 const float *vh = v + (j / G) * D;
