@@ -115,9 +115,10 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_
         # OFFSET + q went in: take OFFSET * sum(x) back out with the min's share.
         zs = tl.load(z_rows + g, mask=mask_n, other=0.0).to(tl.float32) - OFFSET * s
         if DEQUANT:  # many rows: whole weights once per program, straight into the accumulator
+            z = tl.load(z_rows + g, mask=mask_n, other=0.0).to(tl.float32)
             for j in tl.static_range(8):
                 x = tl.load(x_rows + g * GROUP + j * BW, mask=mask_m[:, None], other=0.0)
-                w = (_plane(packed, j, dt).to(tl.float32) * s[:, None] + zs[:, None]).to(dt)
+                w = (((packed >> (4 * j)) & 0xF).to(tl.float32) * s[:, None] + z[:, None]).to(dt)
                 acc = tl.dot(w, tl.trans(x), acc)
         elif PLANES:
             xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
