@@ -92,10 +92,10 @@ def layer_ms(ws: dict, M: int, path: str, tiles=None, check: bool = False) -> fl
 
 def sweep(ws: dict, path: str, M: int, grid) -> dict:
     """grid: (BLOCK_N, BLOCK_K, num_warps, num_stages) for the GEMVs; (BLOCK_M, BLOCK_N,
-    num_warps, num_stages, SPLIT_PER_SM[, DEQUANT]) for int4-gemm."""
+    num_warps, num_stages, SPLIT_PER_SM) for int4-gemm."""
     res = {}
     for tiles in grid:
-        key = "-".join(f"{c}{int(v)}" for c, v in zip("nkws" if len(tiles) == 4 else "mnwspd", tiles))
+        key = "-".join(f"{c}{int(v)}" for c, v in zip("nkws" if len(tiles) == 4 else "mnwsp", tiles))
         try:
             res[key] = round(layer_ms(ws, M, path, tiles=tiles, check=True), 4)
         except Exception as e:  # e.g. out of registers or shared memory
@@ -109,17 +109,14 @@ def best(res: dict) -> tuple[int, ...]:
     return tuple(int(p[1:]) for p in key.split("-"))
 
 
-def int4_gemm_grid(M: int) -> list[tuple[int, ...]]:
+def int4_gemm_grid(M: int) -> list[tuple[int, int, int, int, int]]:
     """Tiles of the int4 tensor-core GEMM worth timing at M rows: narrow weight tiles on one or
     two warps (mma.sync, many programs to hide latency) for a few rows, wgmma-sized ones past."""
     bm = min(max(16, triton.next_power_of_2(M)), 64)
     if M <= 64:
         return [(bm, bn, w, st, 4) for bn, w in ((16, 1), (16, 2), (32, 1), (32, 2), (64, 2), (64, 4))
                 for st in (2, 3, 4)]
-    plain = [(bm_, bn, w, st, 4) for bm_ in (64, 128) for bn in (64, 128) for w in (4, 8) for st in (3, 4)]
-    # Past 64 rows also the variant that dequantizes whole weights (no per-group partial products).
-    return plain + [(bm_, bn, w, st, 0, 1) for bm_ in (64, 128, 256) for bn in (64, 128) for w in (4, 8)
-                    for st in (3, 4) if not (bm_ == 256 and w == 4)]
+    return [(bm_, bn, w, st, 4) for bm_ in (64, 128) for bn in (64, 128) for w in (4, 8) for st in (3, 4)]
 
 
 def main() -> None:
@@ -162,13 +159,13 @@ def main() -> None:
         figures["sweep_int4_gemm_ms"] = by_m = {}
         for M in (m for m in args.rows if m > int4_gemv_triton.INT4_GEMV_MAX_M):
             by_m[str(M)] = res = sweep(ws, "int4-gemm", M, int4_gemm_grid(M))
-            t = best(res)
-            split_ms = {t[4]: res["-".join(f"{c}{v}" for c, v in zip("mnwspd", t))]}
-            for per_sm in (p for p in (0, 2, 4, 8, 16) if p != t[4]):  # how far K is split, at the best tiles
-                tiles = (*t[:4], per_sm, *t[5:])
+            bm, bn, w, st, _ = best(res)
+            split_ms = {4: res[f"m{bm}-n{bn}-w{w}-s{st}-p4"]}
+            for per_sm in (0, 2, 8, 16):  # how far K is split, at the best tiles
+                tiles = (bm, bn, w, st, per_sm)
                 split_ms[per_sm] = res[f"best-split{per_sm}"] = round(layer_ms(ws, M, "int4-gemm", tiles, True), 4)
                 print("int4-gemm", M, f"split {per_sm}", split_ms[per_sm], flush=True)
-            int4_gemm_triton.TILES[M] = (*t[:4], min(split_ms, key=split_ms.get), *t[5:])
+            int4_gemm_triton.TILES[M] = (bm, bn, w, st, min(split_ms, key=split_ms.get))
         figures["int4_gemm_tiles"] = {str(m): t for m, t in sorted(int4_gemm_triton.TILES.items())}
     figures["gemv_tiles"] = {"4": int4_gemv_triton.TILES, "8": quant_triton.GEMV_TILES[8]}
     rows = {}

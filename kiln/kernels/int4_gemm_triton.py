@@ -81,7 +81,7 @@ def _plane(packed, j: tl.constexpr, dtype: tl.constexpr):
 @triton.jit(do_not_specialize=["M", "groups_per_split"])
 def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_stride, s_stride, out_stride,
                       groups_per_split, GROUP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, DEQUANT: tl.constexpr = False, PDL: tl.constexpr = False):
+                      BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
     # The M tiles of one weight tile are neighbours in the grid, so all but the first read it from L2.
     num_m = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)  # axis 1: the split of K
@@ -97,7 +97,6 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_
     # reshape between the loaded words and the dot (whose layout conversion would go through
     # shared memory). Smaller groups unpack into one [BLOCK_N, GROUP] tile.
     PLANES: tl.constexpr = BW >= 16
-    tl.static_assert(PLANES or not DEQUANT)
     words = tl.arange(0, BW)
     offs_x = words if PLANES else tl.arange(0, GROUP)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * x_stride + offs_x[None, :]
@@ -114,13 +113,7 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_
         s = tl.load(s_rows + g, mask=mask_n, other=0.0).to(tl.float32)
         # OFFSET + q went in: take OFFSET * sum(x) back out with the min's share.
         zs = tl.load(z_rows + g, mask=mask_n, other=0.0).to(tl.float32) - OFFSET * s
-        if DEQUANT:  # many rows: whole weights once per program, straight into the accumulator
-            z = tl.load(z_rows + g, mask=mask_n, other=0.0).to(tl.float32)
-            for j in tl.static_range(8):
-                x = tl.load(x_rows + g * GROUP + j * BW, mask=mask_m[:, None], other=0.0)
-                w = (((packed >> (4 * j)) & 0xF).to(tl.float32) * s[:, None] + z[:, None]).to(dt)
-                acc = tl.dot(w, tl.trans(x), acc)
-        elif PLANES:
+        if PLANES:
             xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
             part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             for j in tl.static_range(8):
@@ -131,8 +124,7 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_
             x = tl.load(x_rows + g * GROUP, mask=mask_m[:, None], other=0.0)
             xsum = tl.sum(x.to(tl.float32), axis=1)
             part = tl.dot(_codes(packed, GROUP, BLOCK_N, dt), tl.trans(x))
-        if not DEQUANT:
-            acc += part * s[:, None] + zs[:, None] * xsum[None, :]
+        acc += part * s[:, None] + zs[:, None] * xsum[None, :]
     out = tl.trans(acc)
     ptrs = out_ptr + offs_m[:, None].to(tl.int64) * out_stride + offs_n[None, :]
     if SPLIT:  # fp32 partial sums of K's splits
@@ -142,10 +134,9 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, x_stride, w_
 
 
 def int4_gemm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int,
-              tiles: tuple[int, ...] | None = None) -> torch.Tensor:
+              tiles: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
     """x [M, K] bf16/fp16, w int32 [N, K/8] plane-major, scales/mins [N, K/group] -> [M, N] in x's
-    dtype. `tiles` overrides TILES (sweeps); SPLIT_PER_SM 0 keeps K whole; a sixth element, true,
-    dequantizes whole weights (groups of 128 only)."""
+    dtype. `tiles` overrides TILES (sweeps); SPLIT_PER_SM 0 keeps K whole."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"the int4 GEMM takes bf16 or fp16 activations; got {x.dtype}")
     x = x.contiguous()
@@ -153,8 +144,7 @@ def int4_gemm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torc
     N = w.shape[0]
     if w.shape[1] * 8 != K or K % group:
         raise ValueError(f"int4 weight [{N}, {w.shape[1]}] does not fit x [{M}, {K}] with group {group}")
-    block_m, block_n, warps, stages, per_sm, *dequant = tiles or (tiles_for(M) if x.is_cuda else INTERPRETER_TILES)
-    dequant = bool(dequant and dequant[0]) and group >= 128
+    block_m, block_n, warps, stages, per_sm = tiles or (tiles_for(M) if x.is_cuda else INTERPRETER_TILES)
     tiles_mn = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     groups = K // group
     sms = backend.num_sms(x.device.index or 0) if x.is_cuda else 2
@@ -167,6 +157,6 @@ def int4_gemm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torc
         torch.empty(M, N, dtype=x.dtype, device=x.device)
     _int4_gemm_kernel[(tiles_mn, splits)](x, w, scales, mins, out, M, N, K, x.stride(0), w.stride(0),
                                           scales.stride(0), out.stride(0), per_split, GROUP=group,
-                                          SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, DEQUANT=dequant,
+                                          SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n,
                                           num_warps=warps, num_stages=stages, **backend.pdl_launch(x))
     return out.to(x.dtype) if splits > 1 else out
