@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 
@@ -61,27 +60,17 @@ def main() -> None:
     import torch.nn.functional as F
 
     from benchmarks.common import write_result
-    from benchmarks.quant_quality import _scores
-    from kiln import LLM
-    from kiln.config import EngineConfig, QuantConfig
-    from kiln.workers.builder import Builder
+    from benchmarks.quant_quality import build, describe, readings, reference
+    from kiln.config import QuantConfig
     from kiln.workers.calibration import SEQ_LEN, calibration_tokens
-    from kiln.workers.loaders import embedded_model_path, resolve_model
 
     with tempfile.TemporaryDirectory() as tmp:  # the weights an fp8 build produces
-        Builder(EngineConfig(device="cpu", quant=QuantConfig(mode="fp8")), verbose=False).build(
-            tmp, resolve_model(embedded_model_path()))
-        built = LLM(tmp, device="cpu")
+        built = build(tmp, QuantConfig(mode="fp8"))
         gptq = {n: m.dense_weight(torch.float32).clone() for n, m in built.executor.engine.model.linears()}
         del built
 
-    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kiln", "data",
-                             "evaluation.txt")).read()
-    base = LLM(None, device="cpu")
+    base, ids, ref, ppl0 = reference()
     model = base.executor.engine.model
-    ids = base.tokenizer.encode(text)
-    ref = base.executor.log_probs(ids)
-    ppl0, _ = _scores(base, ids, None, None)
     linears = dict(model.linears())
     exact = {n: m.weight.data.clone() for n, m in linears.items()}
     rtn = {n: e4m3_rows(w) for n, w in exact.items()}
@@ -164,16 +153,8 @@ def main() -> None:
     for name, install in table.items():
         install()
         with torch.inference_mode():
-            ppl, kl = _scores(base, ids, ref, None)
-            runs = [_scores(base, ids, ref, s) for s in range(args.seeds)]
-        rel = [p / ppl0 - 1 for p, _ in runs]
-        figures["schemes"][name] = {
-            "kl": round(kl, 5), "perplexity_vs_fp32": round(ppl / ppl0 - 1, 5),
-            "perturbed_perplexity_vs_fp32": {"mean": round(statistics.mean(rel), 5), "min": round(min(rel), 5),
-                                             "max": round(max(rel), 5)}}
-        m = figures["schemes"][name]["perturbed_perplexity_vs_fp32"]
-        print(f"{name:64s} KL {kl:.4f}  ppl {ppl / ppl0 - 1:+.2%}  perturbed mean {m['mean']:+.2%} "
-              f"({m['min']:+.2%}..{m['max']:+.2%})", flush=True)
+            figures["schemes"][name] = readings(base, ids, ref, ppl0, args.seeds)
+        print(describe(name, figures["schemes"][name], 64), flush=True)
     print("wrote", write_result(args.name, figures, targets={"fp8_perplexity": 0.01}))
 
 

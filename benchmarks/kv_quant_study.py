@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 
@@ -115,28 +114,22 @@ def main() -> None:
 
     import kiln.kernels.rope as rope
     from benchmarks.common import write_result
-    from benchmarks.quant_quality import _scores
-    from kiln import LLM
-    from kiln.config import EngineConfig, QuantConfig
-    from kiln.workers.builder import Builder
+    from benchmarks.quant_quality import build, describe, readings, reference
+    from kiln.config import QuantConfig
+    from kiln.kernels import backend
     from kiln.workers.calibration import SEQ_LEN, calibration_tokens
-    from kiln.workers.loaders import embedded_model_path, resolve_model
 
     with tempfile.TemporaryDirectory() as tmp:  # what a kv-fp8 build calibrates
-        Builder(EngineConfig(device="cpu", quant=QuantConfig(kv_cache_dtype="fp8")), verbose=False).build(
-            tmp, resolve_model(embedded_model_path()))
-        built = LLM(tmp, device="cpu")
+        built = build(tmp, QuantConfig(kv_cache_dtype="fp8"))
         engine = [{"k_smooth": a.k_smooth.clone(), "k_scale": a.k_scale, "v_scale": a.v_scale}
                   for a in (layer.self_attn for layer in built.executor.engine.model.layers)]
         del built
 
-    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kiln", "data",
-                             "evaluation.txt")).read()
-    base = LLM(None, device="cpu")
+    # The schemes round K and V in the torch reference's cache write (write_kv_ref); the native
+    # CPU kernels write the cache themselves and would bypass them.
+    backend.set_backend("torch")
+    base, ids, ref, ppl0 = reference()
     model = base.executor.engine.model
-    ids = base.tokenizer.encode(text)
-    ref = base.executor.log_probs(ids)
-    ppl0, _ = _scores(base, ids, None, None)
 
     # The layer whose attention is running, for write_kv_ref (which sees only tensors).
     state = {"layer": 0, "scheme": None}
@@ -174,18 +167,8 @@ def main() -> None:
         for name, fn in table.items():
             state["scheme"] = fn
             with torch.inference_mode():
-                ppl, kl = _scores(base, ids, ref, None)
-                runs = [_scores(base, ids, ref, s) for s in range(args.seeds)]
-            rel = [p / ppl0 - 1 for p, _ in runs]
-            figures["schemes"][name] = {
-                "perplexity_vs_fp32": round(ppl / ppl0 - 1, 5), "kl": round(kl, 5),
-                "perturbed_perplexity_vs_fp32": {"mean": round(statistics.mean(rel), 5), "min": round(min(rel), 5),
-                                                 "max": round(max(rel), 5)},
-                "perturbed_kl_mean": round(statistics.mean(k for _, k in runs), 5)}
-            m = figures["schemes"][name]
-            print(f"{name:58s} KL {kl:.4f}  ppl {m['perplexity_vs_fp32']:+.2%}  perturbed mean "
-                  f"{m['perturbed_perplexity_vs_fp32']['mean']:+.2%} ({m['perturbed_perplexity_vs_fp32']['min']:+.2%}"
-                  f"..{m['perturbed_perplexity_vs_fp32']['max']:+.2%})", flush=True)
+                figures["schemes"][name] = readings(base, ids, ref, ppl0, args.seeds)
+            print(describe(name, figures["schemes"][name], 58), flush=True)
     finally:
         rope.write_kv_ref = write
     print("wrote", write_result(args.name, figures, targets={"kv_fp8_perplexity": 0.01}))

@@ -47,6 +47,52 @@ def _scores(llm, ids: list[int], ref, noise_seed: int | None) -> tuple[float, fl
     return math.exp(float(nll)), kl
 
 
+EVAL_TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kiln", "data",
+                         "evaluation.txt")
+
+
+def reference():
+    """The embedded model in fp32 on the CPU, the evaluation text's ids, and fp32's log-probs and
+    perplexity on it: what every reading is against."""
+    from kiln import LLM
+
+    base = LLM(None, device="cpu")
+    ids = base.tokenizer.encode(open(EVAL_TEXT).read())
+    ref = base.executor.log_probs(ids)
+    return base, ids, ref, _scores(base, ids, None, None)[0]
+
+
+def build(path: str, quant):
+    """The embedded model built into `path` with QuantConfig `quant`, loaded on the CPU."""
+    from kiln import LLM
+    from kiln.config import EngineConfig
+    from kiln.workers.builder import Builder
+    from kiln.workers.loaders import embedded_model_path, resolve_model
+
+    Builder(EngineConfig(device="cpu", quant=quant), verbose=False).build(path, resolve_model(embedded_model_path()))
+    return LLM(path, device="cpu")
+
+
+def readings(llm, ids: list[int], ref, ppl0: float, seeds: int) -> dict:
+    """One reading (perplexity against fp32's, KL) and the spread of `seeds` perturbed ones."""
+    import statistics
+
+    ppl, kl = _scores(llm, ids, ref, None)
+    runs = [_scores(llm, ids, ref, s) for s in range(seeds)]
+    rel = [p / ppl0 - 1 for p, _ in runs]
+    return {"perplexity_vs_fp32": round(ppl / ppl0 - 1, 5), "kl": round(kl, 5),
+            "perturbed_perplexity_vs_fp32": {"mean": round(statistics.mean(rel), 5),
+                                             "std": round(statistics.stdev(rel), 5) if len(rel) > 1 else 0.0,
+                                             "min": round(min(rel), 5), "max": round(max(rel), 5)},
+            "perturbed_kl_mean": round(statistics.mean(k for _, k in runs), 5)}
+
+
+def describe(name: str, m: dict, width: int = 16) -> str:
+    p = m["perturbed_perplexity_vs_fp32"]
+    return (f"{name:{width}s} ppl {m['perplexity_vs_fp32']:+.2%}  KL {m['kl']:.4f}  perturbed: mean {p['mean']:+.2%} "
+            f"std {p['std']:.2%} range {p['min']:+.2%}..{p['max']:+.2%}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
@@ -57,48 +103,23 @@ def main() -> None:
                          "and score each")
     args = ap.parse_args()
 
-    import statistics
-
     from benchmarks.common import write_result
-    from kiln import LLM
-    from kiln.config import EngineConfig, QuantConfig
+    from kiln.config import QuantConfig
     from kiln.workers import quantize
-    from kiln.workers.builder import Builder
-    from kiln.workers.loaders import embedded_model_path, resolve_model
 
-    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kiln", "data",
-                             "evaluation.txt")).read()
-    base = LLM(None, device="cpu")
-    ids = base.tokenizer.encode(text)
-    ref = base.executor.log_probs(ids)
-    ppl0, _ = _scores(base, ids, None, None)
+    base, ids, ref, ppl0 = reference()
     figures = {"model": "SmolLM2-135M-Instruct (embedded GGUF)", "text": "kiln/data/evaluation.txt",
                "tokens": len(ids), "fp32_perplexity": round(ppl0, 4), "modes": {}}
     noisy = [_scores(base, ids, None, s)[0] for s in range(min(args.seeds, 3))]
     figures["fp32_perplexity_perturbed"] = [round(p, 4) for p in noisy]
-    source = resolve_model(embedded_model_path())
     runs_of = {"kv-fp8": [(f"kv-fp8 alpha {a}", a) for a in args.kv_smooth_alpha]} if args.kv_smooth_alpha else {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode, name, alpha in [(m, *r) for m in args.modes for r in runs_of.get(m, [(m, None)])]:
-            path = os.path.join(tmp, name)
             if alpha is not None:
                 quantize.KV_SMOOTH_ALPHA = alpha
-            Builder(EngineConfig(device="cpu", quant=QuantConfig(**MODES[mode])), verbose=False).build(path, source)
-            llm = LLM(path, device="cpu")
-            ppl, kl = _scores(llm, ids, ref, None)
-            runs = [_scores(llm, ids, ref, s) for s in range(args.seeds)]
-            rel = [p / ppl0 - 1 for p, _ in runs]
-            figures["modes"][name] = {
-                "perplexity_vs_fp32": round(ppl / ppl0 - 1, 5), "kl": round(kl, 5),
-                "perturbed_perplexity_vs_fp32": {"mean": round(statistics.mean(rel), 5),
-                                                 "std": round(statistics.stdev(rel), 5) if len(rel) > 1 else 0.0,
-                                                 "min": round(min(rel), 5), "max": round(max(rel), 5)},
-                "perturbed_kl_mean": round(statistics.mean(k for _, k in runs), 5)}
-            m = figures["modes"][name]
-            print(f"{name:16s} ppl {m['perplexity_vs_fp32']:+.2%}  KL {kl:.4f}  perturbed: mean "
-                  f"{m['perturbed_perplexity_vs_fp32']['mean']:+.2%} std {m['perturbed_perplexity_vs_fp32']['std']:.2%}"
-                  f" range {m['perturbed_perplexity_vs_fp32']['min']:+.2%}..{m['perturbed_perplexity_vs_fp32']['max']:+.2%}",
-                  flush=True)
+            llm = build(os.path.join(tmp, name), QuantConfig(**MODES[mode]))
+            figures["modes"][name] = readings(llm, ids, ref, ppl0, args.seeds)
+            print(describe(name, figures["modes"][name]), flush=True)
             del llm
     print("wrote", write_result(args.name, figures, targets={"fp8_and_int8_wo_perplexity": 0.01,
                                                              "int4_awq_perplexity": 0.05}))
