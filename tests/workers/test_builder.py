@@ -82,19 +82,22 @@ def test_unquantized_engine_matches_checkpoint(engines, baseline):
 # divergence of the next-token distributions from the fp32 model's; in brackets the mean and
 # range over 10 readings with the embeddings scaled by (1 + 1e-6 N(0, 1)), which leaves fp32
 # as it is (benchmarks/quant_quality.py, results/quant-quality-smollm2.json):
-#   int8-wo (rounded to nearest)  +0.79% [the same]           KL 0.0077
-#   int4-awq (default int8 head)  +0.16% [the same]           KL 0.0008 (the GGUF's weights are 4-bit blocks)
-#   FP8 KV cache                  +0.20% [+0.66%, +0.1..+1.4] KL 0.011 (K smoothed and rotated;
-#                                 plain e4m3 K was +0.81% [+1.34%], KL 0.023)
-#   fp8 W8A8, GPTQ weights        +1.47% [+2.87%, +2.0..+4.2] KL 0.051 -- over the 1% asked for
+#   int8-wo (rounded to nearest)  +0.79% [the same]            KL 0.0077
+#   int4-awq (default int8 head)  +0.16% [the same]            KL 0.0008 (the GGUF's weights are 4-bit blocks)
+#   FP8 KV cache                  +1.08% [+0.65%, +0.1..+1.2]  KL 0.015 (0.011-0.015 over readings; K smoothed
+#                                 and rotated; plain e4m3 K was +0.81% [+1.34%], KL 0.023)
+#   fp8 W8A8, GPTQ weights        +2.65% [+2.35%, +1.0..+4.9]  KL 0.047 -- over the 1% asked for
 # Whatever rounds activations (or K/V) per token in e4m3 makes one perplexity reading a draw:
 # any change of summation order flips roundings, and the flips compound over 30 layers. KL
-# stays put (0.049-0.053 for fp8 across readings and calibration windows), so KL is what the
-# FP8 bounds hold, and their perplexity bounds only catch a broken mode. Weight-only fp8 is
-# +0.93%, KL 0.021; SmoothQuant, clipping and group-64 activation scales did not bring W8A8
-# under 1% (measured on the CPU).
+# moves much less (0.047-0.053 for fp8 across readings and calibration windows), so KL is what
+# the FP8 bounds hold, and their perplexity bounds only catch a broken mode. The kv-fp8 bound
+# leaves room for the spread of its readings and still fails plain e4m3 K. Where fp8's loss
+# comes from (benchmarks/fp8_study.py): GPTQ weights alone +0.97%, KL 0.019; e4m3 per-token
+# activations alone +2.3% in the mean, KL 0.030, over every linear. SmoothQuant, clipping,
+# group-64 activation scales, exact outlier channels and residual rotations did not bring
+# W8A8 under 1% (measured on the CPU).
 @pytest.mark.parametrize("name, ppl_bound, kl_bound", [("int8-wo", 0.01, 0.012), ("int4-awq", 0.05, 0.004),
-                                                       ("fp8", 0.06, 0.065), ("kv-fp8", 0.03, 0.017)])
+                                                       ("fp8", 0.06, 0.065), ("kv-fp8", 0.03, 0.02)])
 def test_quantized_perplexity(engines, baseline, name, ppl_bound, kl_bound):
     llm = LLM(engines[name], device="cpu")
     ppl = llm.perplexity(EVAL)
