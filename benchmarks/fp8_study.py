@@ -2,7 +2,8 @@
 
     python benchmarks/fp8_study.py    # writes benchmarks/results/fp8-study-smollm2.json
 
-A simulation on the embedded SmolLM2 in fp32 (torch path): every linear of the decoder layers
+A simulation on the embedded SmolLM2 in fp32 (attention and norms on kiln's CPU kernels): every
+linear of the decoder layers
 computes F.linear(a(x), w), where w is the exact weight, its e4m3 rounding (one scale per
 output row, round to nearest), or the weight an fp8 build produces (GPTQ, kiln/workers/gptq.py),
 and a(x) is x exact or rounded per token. "GPTQ weights, e4m3 per-token activations" is the
@@ -107,9 +108,12 @@ def main() -> None:
     def plain(weights, act, types=TYPES):
         def install():
             for n, m in linears.items():
-                w = weights[n] if n.split(".")[-1] in types else exact[n]
-                a = act if n.split(".")[-1] in types else None
-                m.linear = (lambda x, w=w: F.linear(x, w)) if a is None else (lambda x, w=w, a=a: F.linear(a(x), w))
+                if n.split(".")[-1] not in types:
+                    m.linear = lambda x, w=exact[n]: F.linear(x, w)
+                elif act is None:
+                    m.linear = lambda x, w=weights[n]: F.linear(x, w)
+                else:
+                    m.linear = lambda x, w=weights[n]: F.linear(act(x), w)
         return install
 
     def outliers(k):
@@ -148,7 +152,7 @@ def main() -> None:
         "RTN + e4m3, residual stream in its principal axes": rotated(pca),
         "RTN + e4m3, residual stream randomly rotated": rotated(rand),
     }
-    figures = {"model": "SmolLM2-135M-Instruct (embedded GGUF), fp32, torch path", "text": "kiln/data/evaluation.txt",
+    figures = {"model": "SmolLM2-135M-Instruct (embedded GGUF), fp32, decoder linears as each scheme says", "text": "kiln/data/evaluation.txt",
                "tokens": len(ids), "fp32_perplexity": round(ppl0, 4), "schemes": {}}
     for name, install in table.items():
         install()
