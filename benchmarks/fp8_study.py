@@ -4,12 +4,13 @@
 
 A simulation on the embedded SmolLM2 in fp32 (attention and norms on kiln's CPU kernels): every
 linear of the decoder layers computes F.linear(a(x), w), where w is the exact weight, its e4m3
-rounding (one scale per output row, round to nearest), or the weight an fp8 build produces (GPTQ, kiln/workers/gptq.py),
-and a(x) is x exact or rounded per token. "GPTQ weights, e4m3 per-token activations" is the
-same arithmetic as the fp8 engine's reference (kiln.kernels.quant.fp8_linear_ref). Scored as
-benchmarks/quant_quality.py scores engines: perplexity on kiln/data/evaluation.txt against
-fp32's, mean KL of the next-token distributions from fp32's, and the mean of `--seeds`
-readings under 1e-6 embedding noise (one W8A8 perplexity reading is chaotic).
+rounding (one scale per output row, round to nearest), or the weight an fp8 build produces
+(GPTQ, kiln/workers/gptq.py), and a(x) is x exact or rounded per token. "GPTQ weights, e4m3
+per-token activations" is the same arithmetic as the fp8 engine's reference
+(kiln.kernels.quant.fp8_linear_ref). Scored as benchmarks/quant_quality.py scores engines:
+perplexity on kiln/data/evaluation.txt against fp32's, mean KL of the next-token distributions
+from fp32's, and the mean of `--seeds` readings under 1e-6 embedding noise (one W8A8 perplexity
+reading is chaotic).
 
 The mitigations are each applied to plain rounding (RTN weights, e4m3 activations), so that
 they compare with its row:
